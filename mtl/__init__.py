@@ -1,0 +1,1 @@
+"""Multi-task fine-tuning of BERT-style encoders: the pure training library (no cluster code)."""

@@ -1,0 +1,74 @@
+"""Command line for one trial.  Every RunConfig field is a flag (generated, so --help always
+matches the config); a preset fills the starting values."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from mtl.config import RunConfig, field_docs, set_dotted
+from mtl.errors import MtlError
+from mtl.presets import PRESETS
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                        help="starting values: paper (reference protocol, GPUs), smoke (seconds on CPU), "
+                             "default (reference protocol on the embedded encoder and sample data)")
+    parser.add_argument("--config", metavar="JSON", help="a config file (as saved in results.json) to start from")
+    defaults = RunConfig().to_dict()
+    group = parser.add_argument_group("run configuration")
+    for flag, key, f in field_docs():
+        default = defaults
+        for part in key.split("."):
+            default = default[part]
+        if isinstance(default, list):
+            default = ",".join(str(v) for v in default)
+        kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else "", str)
+        group.add_argument(f"--{flag.replace('_', '-')}", dest=key, type=kind, default=argparse.SUPPRESS,
+                           metavar=flag.upper(), help=f"{f.metadata['help']} (default: {default})")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    d = RunConfig().to_dict()
+    if args.config:
+        with open(args.config) as fh:
+            loaded = json.load(fh)
+        d = loaded.get("config", loaded)
+    for key, value in PRESETS[args.preset].items():
+        set_dotted(d, key, value)
+    for _, key, _ in field_docs():
+        if hasattr(args, key):
+            set_dotted(d, key, getattr(args, key))
+    return RunConfig.from_dict(d)
+
+
+def run_cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mtl.train", description="Run one multi-task fine-tuning trial.")
+    add_config_flags(parser)
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from mtl.train import check_run, train
+
+    try:
+        cfg = config_from_args(args)
+        check_run(cfg)
+        if args.print_config:
+            print(json.dumps(cfg.to_dict(), indent=2))
+            return 0
+        results = train(cfg)
+    except MtlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if not getattr(exc, "filename", None):
+            raise
+        print(f"error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
+    best = results["best"]
+    print(json.dumps({"out": cfg.out, "best_epoch": best.get("epoch"), "best": best.get("metrics"),
+                      "wall_time_s": round(results["wall_time_s"], 1),
+                      "examples_per_s": round(results["examples_per_s"], 1)}))
+    return 0

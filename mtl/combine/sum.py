@@ -1,0 +1,15 @@
+"""Loss addition: L = sum of the task losses."""
+from __future__ import annotations
+
+import torch
+
+from mtl.combine.base import Combiner, register
+
+
+@register("sum")
+class Sum(Combiner):
+    def combine(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(losses.values())
+
+    def task_weights(self) -> dict[str, float]:
+        return {t: 1.0 for t in self.task_names}

@@ -1,0 +1,288 @@
+"""The one run configuration that flows from the CLI through sweeps, checkpoints and results.
+
+Each section owns its settings and checks them in ``__post_init__``, so an invalid
+configuration fails when it is built, with the offending field named, before any
+file is written.  ``RunConfig.to_dict``/``from_dict`` give the JSON form stored in
+every checkpoint, TensorBoard's hparams and ``results.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from mtl.errors import ConfigError
+
+TASK_NAMES = ("sst", "para", "sts")
+EPOCH_MODES = ("min_size", "max_size", "fixed_n", "proportional", "temperature")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEFAULT_MODEL = "embedded:all-MiniLM-L6-v2"
+DEFAULT_DATA = "embedded:sample"
+
+
+def _help(text: str, **kw) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+def _require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {message}")
+
+
+def parse_tasks(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    names = [t.strip() for t in value.split(",")] if isinstance(value, str) else list(value)
+    names = [t for t in names if t]
+    _require(bool(names), "data.tasks", "at least one task is needed")
+    for name in names:
+        _require(name in TASK_NAMES, "data.tasks", f"unknown task {name!r} (known: {', '.join(TASK_NAMES)})")
+    _require(len(set(names)) == len(names), "data.tasks", f"a task is listed twice in {','.join(names)}")
+    # Canonical order keeps run names and head order independent of how the user typed them.
+    return tuple(t for t in TASK_NAMES if t in names)
+
+
+@dataclass
+class ModelConfig:
+    model: str = _help(f"Hugging Face encoder name or local path; {DEFAULT_MODEL} is the packaged MiniLM",
+                       default=DEFAULT_MODEL)
+    pooling: str = _help("sentence vector: 'cls' ([CLS] token) or 'mean' (mean over tokens)", default="cls")
+    pair_encoding: str = _help("sentence pairs as one sequence [CLS] a [SEP] b [SEP] ('joint') "
+                               "or each sentence encoded alone ('siamese')", default="joint")
+    sim_head: str = _help("SIM head for siamese pairs: 'mlp' on [u; v; |u-v|] or 'cosine'", default="mlp")
+    dropout: float = _help("dropout before each head layer", default=0.5)
+    encoder_dropout: float = _help("dropout inside the encoder (hidden and attention); -1 keeps the "
+                                   "encoder's own setting", default=-1.0)
+    head_hidden: int = _help("hidden width of the heads' first layer (0: the encoder's width)", default=0)
+    max_length: int = _help("tokens per sequence (a pair counts as one sequence unless siamese)", default=128)
+
+    def __post_init__(self):
+        _require(bool(self.model), "model.model", "must name an encoder")
+        _require(self.pooling in ("cls", "mean"), "model.pooling", f"{self.pooling!r} is not 'cls' or 'mean'")
+        _require(self.pair_encoding in ("joint", "siamese"), "model.pair_encoding",
+                 f"{self.pair_encoding!r} is not 'joint' or 'siamese'")
+        _require(self.sim_head in ("mlp", "cosine"), "model.sim_head", f"{self.sim_head!r} is not 'mlp' or 'cosine'")
+        _require(self.sim_head == "mlp" or self.pair_encoding == "siamese", "model.sim_head",
+                 "'cosine' needs pair_encoding='siamese' (two sentence vectors)")
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", f"{self.dropout} is outside [0, 1)")
+        _require(self.encoder_dropout == -1.0 or 0.0 <= self.encoder_dropout < 1.0, "model.encoder_dropout",
+                 f"{self.encoder_dropout} is neither -1 nor in [0, 1)")
+        _require(self.head_hidden >= 0, "model.head_hidden", "must be >= 0")
+        _require(8 <= self.max_length <= 4096, "model.max_length", f"{self.max_length} is outside [8, 4096]")
+
+
+@dataclass
+class DataConfig:
+    tasks: tuple[str, ...] = _help("comma-separated subset of sst,para,sts", default=("sst",))
+    data_dir: str = _help(f"folder or fsspec URL holding sst-/quora-/sts-{{train,dev}}.csv; "
+                          f"{DEFAULT_DATA} is the sample shipped with mtl", default=DEFAULT_DATA)
+    epoch_mode: str = _help("min_size: undersample every task to the smallest; max_size: cycle smaller tasks; "
+                            "fixed_n: n examples per task; proportional/temperature: one task per step",
+                            default="min_size")
+    examples_per_task: int = _help("examples per task per epoch for epoch_mode=fixed_n", default=0)
+    temperature: float = _help("task sampling probability ~ size^(1/T) for epoch_mode=temperature", default=2.0)
+    on_bad_row: str = _help("'error' stops at a malformed row naming file and line; 'skip' skips and counts",
+                            default="error")
+    cache_dir: str = _help("tokenization cache folder or URL (default: <out>/token_cache); a sweep shares one",
+                           default="")
+    max_train_rows: int = _help("read at most this many training rows per task (0: all)", default=0)
+    max_dev_rows: int = _help("read at most this many dev rows per task (0: all)", default=0)
+
+    def __post_init__(self):
+        self.tasks = parse_tasks(self.tasks)
+        _require(self.epoch_mode in EPOCH_MODES, "data.epoch_mode",
+                 f"{self.epoch_mode!r} is not one of {', '.join(EPOCH_MODES)}")
+        _require(self.epoch_mode != "fixed_n" or self.examples_per_task > 0, "data.examples_per_task",
+                 "epoch_mode=fixed_n needs examples_per_task > 0")
+        _require(self.examples_per_task >= 0, "data.examples_per_task", "must be >= 0")
+        _require(self.temperature > 0 and math.isfinite(self.temperature), "data.temperature", "must be > 0")
+        _require(self.on_bad_row in ("error", "skip"), "data.on_bad_row", f"{self.on_bad_row!r} is not error|skip")
+        _require(self.max_train_rows >= 0 and self.max_dev_rows >= 0, "data.max_*_rows", "must be >= 0")
+
+    @property
+    def one_task_per_step(self) -> bool:
+        return self.epoch_mode in ("proportional", "temperature")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _help("AdamW learning rate", default=1e-5)
+    weight_decay: float = _help("AdamW weight decay (not applied to biases and LayerNorm)", default=0.01)
+    eps: float = _help("AdamW epsilon", default=1e-6)
+    beta1: float = _help("AdamW beta1", default=0.9)
+    beta2: float = _help("AdamW beta2", default=0.999)
+    batch_size: int = _help("examples per task per micro-batch on each worker", default=8)
+    grad_accum: int = _help("micro-batches per optimizer step (same update as an N-times larger batch)", default=1)
+    epochs: int = _help("training epochs", default=10)
+    max_steps: int = _help("stop after this many optimizer steps in total (0: no limit)", default=0)
+    warmup_ratio: float = _help("fraction of steps with linear learning-rate warm-up", default=0.0)
+    schedule: str = _help("learning rate after warm-up: 'constant' or 'linear' decay to 0", default="constant")
+    grad_clip: float = _help("clip the global gradient norm to this (0: off)", default=0.0)
+
+    def __post_init__(self):
+        for name in ("lr", "eps"):
+            _require(getattr(self, name) > 0, f"optim.{name}", "must be > 0")
+        _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        for name in ("beta1", "beta2"):
+            _require(0 <= getattr(self, name) < 1, f"optim.{name}", "must be in [0, 1)")
+        for name in ("batch_size", "grad_accum", "epochs"):
+            _require(getattr(self, name) >= 1, f"optim.{name}", "must be >= 1")
+        _require(self.max_steps >= 0, "optim.max_steps", "must be >= 0")
+        _require(0 <= self.warmup_ratio < 1, "optim.warmup_ratio", "must be in [0, 1)")
+        _require(self.schedule in ("constant", "linear"), "optim.schedule", f"{self.schedule!r} is not constant|linear")
+        _require(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+
+
+@dataclass
+class CombinerConfig:
+    combiner: str = _help("how task losses combine: see mtl.combine.COMBINERS", default="sum")
+    alpha: float = _help("scalarize, two tasks: weight of the first task (canonical order sst,para,sts); "
+                         "the second gets 1-alpha", default=0.5)
+    weights: tuple[float, ...] = _help("scalarize, any number of tasks: comma-separated weights summing to 1",
+                                       default=())
+
+    def __post_init__(self):
+        if isinstance(self.weights, str):
+            try:
+                self.weights = tuple(float(w) for w in self.weights.split(",") if w.strip())
+            except ValueError:
+                raise ConfigError(f"combiner.weights: {self.weights!r} is not a comma-separated list of numbers")
+        self.weights = tuple(float(w) for w in self.weights)
+        _require(math.isfinite(self.alpha) and 0.0 <= self.alpha <= 1.0, "combiner.alpha",
+                 f"{self.alpha} is outside [0, 1]")
+        _require(all(math.isfinite(w) and w >= 0 for w in self.weights), "combiner.weights",
+                 "every weight must be >= 0")
+        _require(not self.weights or abs(sum(self.weights) - 1.0) < 1e-6, "combiner.weights",
+                 f"{list(self.weights)} sums to {sum(self.weights):g}, not 1")
+
+
+@dataclass
+class RunConfig:
+    out: str = _help("run folder or fsspec URL: checkpoints, TensorBoard logs, results.json", default="runs/default")
+    seed: int = _help("seed for weights of the heads, sampling and dropout", default=0)
+    precision: str = _help("fp32, bf16 (autocast) or fp16 (autocast and a gradient scaler)", default="fp32")
+    select_metric: str = _help("dev score that picks the best checkpoint: 'mean' of the tasks' primary "
+                               "scores, or task/metric such as sst/acc, para/f1, sts/pearson", default="mean")
+    eval_every_epochs: int = _help("dev evaluation (and best-checkpoint choice) every N epochs", default=1)
+    save_every_steps: int = _help("also checkpoint every N optimizer steps (0: once per epoch only)", default=0)
+    keep_checkpoints: int = _help("how many recent full checkpoints to keep", default=2)
+    log_every_steps: int = _help("TensorBoard scalars every N optimizer steps", default=10)
+    progress: str = _help("terminal progress bar: auto (when a terminal), on, off", default="auto")
+    device: str = _help("auto, cpu, cuda or cuda:N", default="auto")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    combiner: CombinerConfig = field(default_factory=CombinerConfig)
+
+    def __post_init__(self):
+        _require(bool(self.out), "out", "must name a folder or URL")
+        _require(self.precision in PRECISIONS, "precision", f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        for name in ("eval_every_epochs", "keep_checkpoints", "log_every_steps"):
+            _require(getattr(self, name) >= 1, name, "must be >= 1")
+        _require(self.save_every_steps >= 0, "save_every_steps", "must be >= 0")
+        _require(self.progress in ("auto", "on", "off"), "progress", f"{self.progress!r} is not auto|on|off")
+        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
+                 f"{self.device!r} is not auto, cpu or cuda[:N]")
+        if self.select_metric != "mean":
+            task, _, metric = self.select_metric.partition("/")
+            _require(task in self.data.tasks and bool(metric), "select_metric",
+                     f"{self.select_metric!r} is not 'mean' or task/metric for a task of this run")
+        # Cross-section checks live with the sections' owners (the combiner registry checks its own fit).
+
+    # --- dict form -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["data"]["tasks"] = list(self.data.tasks)
+        d["combiner"]["weights"] = list(self.combiner.weights)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        return _build(cls, d, prefix="")
+
+    def replace(self, **overrides) -> "RunConfig":
+        """A copy with dotted-path overrides, e.g. replace(**{"optim.lr": 2e-5, "seed": 1})."""
+        d = self.to_dict()
+        for key, value in overrides.items():
+            set_dotted(d, key, value)
+        return RunConfig.from_dict(d)
+
+    def fingerprint(self) -> str:
+        """Short stable hash of everything but where the run is stored."""
+        d = self.to_dict()
+        d.pop("out")
+        for key in ("progress", "log_every_steps"):
+            d.pop(key)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "combiner": CombinerConfig}
+
+
+def _build(cls, d: dict, prefix: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(d).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown field")
+    kwargs = {}
+    for name, value in d.items():
+        sub = SECTIONS.get(name) if cls is RunConfig else None
+        if sub is not None:
+            kwargs[name] = _build(sub, value, prefix=f"{name}.")
+        else:
+            kwargs[name] = _coerce(known[name], value, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(f: dataclasses.Field, value, name: str):
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "int" and not isinstance(value, bool):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind == "str":
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: {value!r} is not a valid {kind}")
+    return value
+
+
+def set_dotted(d: dict, key: str, value) -> None:
+    """Set d['a']['b'] for key 'a.b'; a bare field name is looked up in the sections too."""
+    parts = key.split(".")
+    names_a_section = len(parts) == 1 and isinstance(d.get(parts[0]), dict) and not isinstance(value, dict)
+    if len(parts) == 1 and (parts[0] not in d or names_a_section):
+        owners = [s for s in SECTIONS if parts[0] in d.get(s, {})]
+        if len(owners) != 1:
+            raise ConfigError(f"{key}: unknown field")
+        parts = [owners[0], parts[0]]
+    node = d
+    for p in parts[:-1]:
+        if p not in node or not isinstance(node[p], dict):
+            raise ConfigError(f"{key}: unknown field")
+        node = node[p]
+    if parts[-1] not in node:
+        raise ConfigError(f"{key}: unknown field")
+    node[parts[-1]] = value
+
+
+def field_docs() -> list[tuple[str, str, dataclasses.Field]]:
+    """(flag name, dotted key, field) for every leaf setting; flag names are unique by design."""
+    out = []
+    for f in dataclasses.fields(RunConfig):
+        if f.name in SECTIONS:
+            for sf in dataclasses.fields(SECTIONS[f.name]):
+                out.append((sf.name, f"{f.name}.{sf.name}", sf))
+        else:
+            out.append((f.name, f.name, f))
+    names = [n for n, _, _ in out]
+    assert len(names) == len(set(names)), "config field names must be unique to make flat CLI flags"
+    return out

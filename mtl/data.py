@@ -1,0 +1,313 @@
+"""Reading the task files, tokenizing them once (cached on the run's storage), padding
+batches, and the multi-task sampler that decides which examples each optimizer step sees."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mtl import storage
+from mtl.config import DEFAULT_DATA, DataConfig, OptimConfig
+from mtl.errors import DataError, StorageError
+from mtl.tasks import TaskSpec
+
+log = logging.getLogger(__name__)
+
+SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
+
+
+def resolve_data_dir(data_dir: str) -> str:
+    return str(SAMPLE_DIR) if data_dir == DEFAULT_DATA else data_dir
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RawSplit:
+    task: str
+    url: str
+    texts: list[tuple[str, ...]]
+    labels: list[float]
+    skipped: int
+    digest: str    # of the file's bytes: part of the tokenization cache key
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def read_split(data_dir: str, task: TaskSpec, split: str, on_bad_row: str = "error", max_rows: int = 0) -> RawSplit:
+    """Read one task file (tab-separated, header row, quoted fields) and check every row."""
+    url = storage.join(resolve_data_dir(data_dir), task.file(split))
+    try:
+        raw = storage.read_bytes(url)
+    except StorageError:
+        raise DataError(f"{url}: file not found (data_dir must hold {task.file(split)})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{url}: not UTF-8 text (byte {exc.start})") from None
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t")
+    header = next(reader, None)
+    needed = (*task.text_columns, task.label_column)
+    if header is None:
+        raise DataError(f"{url}: file is empty (expected a header with {', '.join(needed)})")
+    missing = [c for c in needed if c not in header]
+    if missing:
+        raise DataError(f"{url}:1: header lacks column {missing[0]!r} (found: {', '.join(h for h in header if h)})")
+    where = [header.index(c) for c in needed]
+    texts, labels, skipped = [], [], 0
+    line = reader.line_num + 1
+    for row in reader:
+        reason = _row_problem(row, where, needed, task)
+        if reason is None:
+            texts.append(tuple(row[i].strip() for i in where[:-1]))
+            labels.append(task.parse_label(row[where[-1]]))
+        elif on_bad_row == "skip":
+            skipped += 1
+        else:
+            raise DataError(f"{url}:{line}: {reason} (pass --on-bad-row skip to skip such rows)")
+        line = reader.line_num + 1
+        if max_rows and len(labels) >= max_rows:
+            break
+    if skipped:
+        log.warning("%s: skipped %d malformed row(s)", url, skipped)
+    if not labels:
+        raise DataError(f"{url}: no usable rows")
+    return RawSplit(task.name, url, texts, labels, skipped, hashlib.sha256(raw).hexdigest())
+
+
+def _row_problem(row: list[str], where: list[int], needed: tuple[str, ...], task: TaskSpec) -> str | None:
+    if not any(cell.strip() for cell in row):
+        return "empty row"
+    for i, name in zip(where, needed):
+        if i >= len(row):
+            return f"missing column {name!r}"
+    for i, name in zip(where[:-1], needed[:-1]):
+        if not row[i].strip():
+            return f"empty {name}"
+    try:
+        task.parse_label(row[where[-1]])
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenization (cached)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Segment:
+    """Token sequences stored flat: sequence i is tokens[offsets[i]:offsets[i+1]]."""
+    tokens: torch.Tensor
+    offsets: torch.Tensor
+    types: torch.Tensor | None
+
+    def lengths(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    def to_dict(self) -> dict:
+        return {"tokens": self.tokens, "offsets": self.offsets, "types": self.types}
+
+
+@dataclass
+class Encoded:
+    """One split of one task, tokenized: one segment for single sentences and joint pairs,
+    two (a, b) for siamese pairs."""
+    task: str
+    segments: list[Segment]
+    labels: torch.Tensor
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        # Calling a tokenizer records its last truncation/padding settings here: not identity.
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        ident = json.dumps(spec, sort_keys=True)
+    else:
+        ident = json.dumps([type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer)])
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def encode_split(raw: RawSplit, task: TaskSpec, tokenizer, max_length: int, siamese: bool,
+                 cache_dir: str | None) -> Encoded:
+    """Tokenize a split, or load it from the cache when the same encoder, length and file were seen."""
+    key = hashlib.sha256(json.dumps({
+        "tokenizer": tokenizer_fingerprint(tokenizer), "max_length": max_length, "siamese": siamese,
+        "file": raw.digest, "rows": len(raw), "skipped": raw.skipped, "columns": task.text_columns,
+    }).encode()).hexdigest()[:24]
+    cache_url = storage.join(cache_dir, f"{task.name}-{key}.pt") if cache_dir else None
+    if cache_url and storage.exists(cache_url):
+        try:
+            blob = storage.load_torch(cache_url)
+            return Encoded(task.name, [Segment(**s) for s in blob["segments"]], blob["labels"], blob["pad_id"])
+        except Exception as exc:  # a damaged cache entry is rebuilt, never trusted
+            log.warning("ignoring unreadable token cache %s: %s", cache_url, exc)
+    columns = list(zip(*raw.texts))
+    if task.is_pair and not siamese:
+        segments = [_tokenize(tokenizer, list(columns[0]), list(columns[1]), max_length)]
+    else:
+        segments = [_tokenize(tokenizer, list(col), None, max_length) for col in columns]
+    enc = Encoded(task.name, segments, torch.tensor(raw.labels, dtype=torch.float32), tokenizer.pad_token_id or 0)
+    if cache_url:
+        storage.save_torch(cache_url, {"segments": [s.to_dict() for s in segments],
+                                       "labels": enc.labels, "pad_id": enc.pad_id})
+    return enc
+
+
+def _tokenize(tokenizer, first: list[str], second: list[str] | None, max_length: int) -> Segment:
+    out = tokenizer(first, second, truncation=True, max_length=max_length, padding=False)
+    ids = out["input_ids"]
+    lengths = torch.tensor([len(x) for x in ids], dtype=torch.int64)
+    offsets = torch.zeros(len(ids) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    tokens = torch.tensor([t for x in ids for t in x], dtype=torch.int32)
+    types = None
+    if "token_type_ids" in out:
+        types = torch.tensor([t for x in out["token_type_ids"] for t in x], dtype=torch.int8)
+    return Segment(tokens, offsets, types)
+
+
+def pad_batch(segment: Segment, index: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad the chosen sequences to the longest of them (not to max_length)."""
+    starts, ends = segment.offsets[index], segment.offsets[index + 1]
+    width = int((ends - starts).max())
+    ids = torch.full((len(index), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(index), width), dtype=torch.long)
+    types = torch.zeros((len(index), width), dtype=torch.long) if segment.types is not None else None
+    for row, (s, e) in enumerate(zip(starts.tolist(), ends.tolist())):
+        ids[row, : e - s] = segment.tokens[s:e]
+        mask[row, : e - s] = 1
+        if types is not None:
+            types[row, : e - s] = segment.types[s:e]
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if types is not None:
+        batch["token_type_ids"] = types
+    return batch
+
+
+@dataclass
+class TaskBatch:
+    inputs: list[dict[str, torch.Tensor]]   # one padded batch per segment
+    labels: torch.Tensor
+
+    def to(self, device) -> "TaskBatch":
+        return TaskBatch([{k: v.to(device, non_blocking=True) for k, v in seg.items()} for seg in self.inputs],
+                         self.labels.to(device, non_blocking=True))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def make_batch(enc: Encoded, index: torch.Tensor) -> TaskBatch:
+    return TaskBatch([pad_batch(seg, index, enc.pad_id) for seg in enc.segments], enc.labels[index])
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Step:
+    """What one worker computes for one optimizer step: a list of micro-batches (gradient
+    accumulation), each mapping task -> example indices, and for every task the number of
+    examples the step has across all workers and micro-batches (to normalise the loss)."""
+    micro: list[dict[str, torch.Tensor]]
+    global_count: dict[str, int] = field(default_factory=dict)
+
+
+class MultiTaskSampler:
+    """Deterministic per (seed, epoch) and identical on every rank; each rank takes its slice.
+
+    An optimizer step draws one global chunk of ``batch_size * world_size * grad_accum``
+    examples per task (or for one task, in the one-task-per-step modes) and cuts it into
+    ``grad_accum * world_size`` pieces, so 2 workers x batch b see exactly the data that
+    1 worker x batch 2b sees, and accumulation of N sees what one N-times batch sees."""
+
+    def __init__(self, sizes: dict[str, int], data: DataConfig, optim: OptimConfig, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        self.sizes, self.data, self.seed = dict(sizes), data, seed
+        self.rank, self.world_size, self.accum = rank, world_size, optim.grad_accum
+        self.chunk = optim.batch_size * world_size * optim.grad_accum
+        self.pieces = world_size * optim.grad_accum
+
+    def examples_per_task(self) -> int:
+        mode = self.data.epoch_mode
+        if mode == "min_size":
+            return min(self.sizes.values())
+        if mode == "max_size":
+            return max(self.sizes.values())
+        return self.data.examples_per_task
+
+    def task_probabilities(self) -> dict[str, float]:
+        temp = 1.0 if self.data.epoch_mode == "proportional" else self.data.temperature
+        weights = {t: n ** (1.0 / temp) for t, n in self.sizes.items()}
+        total = sum(weights.values())
+        return {t: w / total for t, w in weights.items()}
+
+    def steps_per_epoch(self) -> int:
+        if self.data.one_task_per_step:
+            return max(1, sum(self.sizes.values()) // self.chunk)
+        n = self.examples_per_task()
+        full, rest = divmod(n, self.chunk)
+        return full + (1 if rest >= self.pieces else 0) or 1
+
+    def epoch(self, epoch: int) -> list[Step]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        streams = {t: _IndexStream(n, gen) for t, n in self.sizes.items()}
+        if not self.data.one_task_per_step:
+            n = self.examples_per_task()
+            order = {t: streams[t].take(n) for t in self.sizes}
+            steps = []
+            for s in range(self.steps_per_epoch()):
+                chunks = {t: idx[s * self.chunk:(s + 1) * self.chunk] for t, idx in order.items()}
+                if min(len(c) for c in chunks.values()) < self.pieces:
+                    # the step has fewer examples than workers x micro-batches: wrap around
+                    chunks = {t: streams[t].take(self.chunk) for t in chunks}
+                steps.append(self._split(chunks))
+            return steps
+        probs = self.task_probabilities()
+        tasks = list(probs)
+        picks = torch.multinomial(torch.tensor([probs[t] for t in tasks]), self.steps_per_epoch(),
+                                  replacement=True, generator=gen)
+        return [self._split({tasks[i]: streams[tasks[i]].take(self.chunk)}) for i in picks.tolist()]
+
+    def _split(self, chunks: dict[str, torch.Tensor]) -> Step:
+        micro = [dict() for _ in range(self.accum)]
+        for task, chunk in chunks.items():
+            pieces = torch.tensor_split(chunk, self.pieces)
+            for m in range(self.accum):
+                micro[m][task] = pieces[m * self.world_size + self.rank]
+        return Step(micro, {t: len(c) for t, c in chunks.items()})
+
+
+class _IndexStream:
+    """Endless stream of indices 0..n-1: one fresh random permutation after another."""
+
+    def __init__(self, n: int, gen: torch.Generator):
+        self.n, self.gen = n, gen
+        self.buffer = torch.empty(0, dtype=torch.long)
+
+    def take(self, k: int) -> torch.Tensor:
+        while len(self.buffer) < k:
+            self.buffer = torch.cat([self.buffer, torch.randperm(self.n, generator=self.gen)])
+        out, self.buffer = self.buffer[:k], self.buffer[k:]
+        return out
+
+
+def eval_order(enc: Encoded) -> torch.Tensor:
+    """Dev examples sorted by length, so evaluation batches carry little padding."""
+    return torch.argsort(enc.segments[0].lengths(), stable=True)

@@ -1,0 +1,21 @@
+"""Errors that a user can fix: the CLI prints them as one line and exits non-zero."""
+
+
+class MtlError(Exception):
+    """Base for errors caused by input (config, data, storage, checkpoints), not by bugs."""
+
+
+class ConfigError(MtlError, ValueError):
+    pass
+
+
+class DataError(MtlError):
+    pass
+
+
+class StorageError(MtlError):
+    pass
+
+
+class CheckpointError(MtlError):
+    pass

@@ -1,0 +1,130 @@
+"""Run storage through fsspec: a local folder or any URL (s3://, gs://, memory://, ...).
+
+Writes are atomic for readers: a local file is written beside its target and renamed
+over it; on other filesystems a whole object is written in one put, which object stores
+publish atomically.  Larger structures (checkpoints) are published by writing a small
+pointer file last (see mtl.checkpoint).
+"""
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import uuid
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from mtl.errors import StorageError
+
+
+def join(base: str, *parts: str) -> str:
+    return posixpath.join(base.rstrip("/"), *parts) if "://" in base else os.path.join(base, *parts)
+
+
+def filesystem(url: str):
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except (ValueError, ImportError) as exc:
+        raise StorageError(f"{url}: {exc}") from None
+    return fs, path
+
+
+def is_local(url: str) -> bool:
+    return isinstance(filesystem(url)[0], LocalFileSystem)
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise StorageError(f"{url}: no such file") from None
+
+
+def read_text(url: str) -> str:
+    return read_bytes(url).decode("utf-8")
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write a whole file so that no reader ever sees part of it."""
+    fs, path = filesystem(url)
+    try:
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        if isinstance(fs, LocalFileSystem):
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        else:
+            fs.pipe_file(path, data)
+    except OSError as exc:
+        raise StorageError(f"cannot write {url}: {exc.strerror or exc}") from None
+
+
+def write_text(url: str, text: str) -> None:
+    write_bytes(url, text.encode("utf-8"))
+
+
+def remove(url: str, recursive: bool = False) -> None:
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def listdir(url: str) -> list[str]:
+    """Base names of the entries in a folder (empty if it does not exist)."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return []
+    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+
+def ensure_writable(url: str) -> None:
+    """Fail early, with the URL named, if the run's storage cannot take files."""
+    probe = join(url, f".write-probe-{uuid.uuid4().hex[:8]}")
+    fs, path = filesystem(url)
+    existed = _exists_quietly(fs, path)
+    try:
+        write_bytes(probe, b"ok")
+        remove(probe)
+    except (StorageError, OSError, PermissionError) as exc:
+        if not existed:
+            try:
+                fs.rm(path, recursive=True)
+            except Exception:
+                pass
+        reason = str(exc).split(": ", 1)[-1] if isinstance(exc, StorageError) else (exc.strerror or str(exc))
+        raise StorageError(f"storage {url} is not writable: {reason}") from None
+
+
+def _exists_quietly(fs, path) -> bool:
+    try:
+        return fs.exists(path)
+    except Exception:
+        return False
+
+
+def save_torch(url: str, obj) -> None:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes(url, buf.getvalue())
+
+
+def load_torch(url: str):
+    import torch
+
+    return torch.load(io.BytesIO(read_bytes(url)), weights_only=True, map_location="cpu")

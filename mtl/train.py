@@ -1,0 +1,344 @@
+"""One multi-task fine-tuning trial: ``train(config) -> results``.
+
+    python -m mtl.train --preset smoke --out runs/smoke
+    python -m mtl.train --tasks sst,para --combiner scalarize --alpha 0.4 --seed 0 --out runs/x
+
+Reads like the algorithm: check the inputs, build data/model/optimizer, resume if a
+checkpoint exists, then per epoch: optimizer steps (one batch of every task each, with
+gradient accumulation), dev evaluation, best-weights and full-state checkpoints.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from mtl import checkpoint, storage
+from mtl.combine import Combiner, build_combiner
+from mtl.config import RunConfig
+from mtl.data import MultiTaskSampler, Step, encode_split, eval_order, make_batch, read_split
+from mtl.dist import DistContext
+from mtl.model import MultiTaskModel, build_model, load_tokenizer
+from mtl.monitor import NullSink, TensorBoardSink, progress_bar
+from mtl.tasks import TASKS, TaskSpec
+
+log = logging.getLogger("mtl.train")
+
+
+@dataclass
+class TrainState:
+    """Where the run stands; saved in every checkpoint."""
+    step: int = 0
+    epoch: int = 0                # epochs completed
+    step_in_epoch: int = 0        # optimizer steps done in the current epoch
+    best_score: float = -math.inf
+    best: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    train_time_s: float = 0.0
+    wall_time_s: float = 0.0
+    examples: int = 0
+
+
+class Precision:
+    """Autocast and (for fp16) the gradient scaler."""
+
+    def __init__(self, name: str, device: torch.device):
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+        self.device = device
+        self.scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(loss)
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+def read_data(cfg: RunConfig, tasks: list[TaskSpec]):
+    d = cfg.data
+    train = {t.name: read_split(d.data_dir, t, "train", d.on_bad_row, d.max_train_rows) for t in tasks}
+    dev = {t.name: read_split(d.data_dir, t, "dev", d.on_bad_row, d.max_dev_rows) for t in tasks}
+    return train, dev
+
+
+def tokenize_all(cfg: RunConfig, tasks: list[TaskSpec], raw: dict, dist: DistContext) -> dict:
+    tokenizer = load_tokenizer(cfg.model)
+    cache = cfg.data.cache_dir or storage.join(cfg.out, "token_cache")
+    siamese = cfg.model.pair_encoding == "siamese"
+    encode = lambda t: encode_split(raw[t.name], t, tokenizer, cfg.model.max_length, siamese, cache)  # noqa: E731
+    # Rank 0 fills the cache first so the other ranks load it rather than all tokenizing.
+    if dist.is_main:
+        encoded = {t.name: encode(t) for t in tasks}
+    dist.barrier()
+    if not dist.is_main:
+        encoded = {t.name: encode(t) for t in tasks}
+    return encoded
+
+
+def build_optimizer(cfg: RunConfig, model: torch.nn.Module, combiner: Combiner) -> torch.optim.Optimizer:
+    o = cfg.optim
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)   # biases and LayerNorm: no decay
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    extra = [p for p in combiner.parameters() if p.requires_grad]
+    if extra:
+        groups.append({"params": extra, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+
+
+def build_scheduler(cfg: RunConfig, optimizer, total_steps: int):
+    warmup = int(cfg.optim.warmup_ratio * total_steps)
+    linear = cfg.optim.schedule == "linear"
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if linear:
+            return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+        return 1.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def check_run(cfg: RunConfig) -> Combiner:
+    """Checks that span sections; raises ConfigError before anything is read or written."""
+    return build_combiner(cfg.combiner, cfg.data.tasks, cfg.data.one_task_per_step)
+
+
+# --------------------------------------------------------------------------------------------
+# One optimizer step
+# --------------------------------------------------------------------------------------------
+def train_step(step: Step, model: MultiTaskModel, ddp: torch.nn.Module, combiner: Combiner, encoded: dict,
+               optimizer, scheduler, precision: Precision, cfg: RunConfig, dist: DistContext) -> dict:
+    task_loss = {t: 0.0 for t in step.global_count}
+    total = 0.0
+    for i, micro in enumerate(step.micro):
+        last = i == len(step.micro) - 1
+        batches = {t: make_batch(encoded[t], idx).to(dist.device) for t, idx in micro.items()}
+        sync = contextlib.nullcontext() if last or ddp is model else ddp.no_sync()
+        with sync:
+            with precision.autocast():
+                outputs = ddp(batches)
+            # Each worker's share of the global mean: summed here, averaged across workers by
+            # DDP, so uneven final batches and any accumulation give the exact global mean.
+            losses = {t: TASKS[t].loss(outputs[t], batches[t].labels).sum() * (dist.world_size / step.global_count[t])
+                      for t in batches}
+            total += float(combiner.backward(losses, precision.scale))
+        for t, loss in losses.items():
+            task_loss[t] += float(loss.detach())
+    combiner.before_optimizer_step()
+    precision.scaler.unscale_(optimizer)
+    grad_norm = None
+    if cfg.optim.grad_clip > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
+    scale_before = precision.scaler.get_scale() if precision.scaler.is_enabled() else None
+    precision.scaler.step(optimizer)
+    precision.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    # An fp16 step whose gradients overflowed was skipped (the scale dropped): so is its lr step.
+    if scale_before is None or precision.scaler.get_scale() >= scale_before:
+        scheduler.step()
+    stats = {f"loss/{t}": v for t, v in task_loss.items()}
+    stats["loss/combined"] = total
+    if grad_norm is not None:
+        stats["grad_norm"] = grad_norm
+    return stats
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: MultiTaskModel, dev: dict, batch_size: int, precision: Precision, device) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    metrics: dict[str, float] = {}
+    for task, enc in dev.items():
+        spec = TASKS[task]
+        order = eval_order(enc)
+        preds = []
+        for chunk in order.split(batch_size):
+            with precision.autocast():
+                out = model.task_output(task, make_batch(enc, chunk).to(device))
+            preds.append(spec.output(out).cpu())
+        pred = torch.empty(len(enc), dtype=preds[0].dtype)
+        pred[order] = torch.cat(preds)
+        for name, value in spec.metrics(pred, enc.labels).items():
+            metrics[f"{task}/{name}"] = value
+    metrics["mean"] = sum(metrics[f"{t}/{TASKS[t].primary_metric}"] for t in dev) / len(dev)
+    model.train(was_training)
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# The trial
+# --------------------------------------------------------------------------------------------
+def train(cfg: RunConfig, dist: DistContext | None = None,
+          on_epoch_end: Callable[[dict], None] | None = None) -> dict:
+    started = time.perf_counter()
+    dist = dist or DistContext.from_env(cfg.device)
+
+    # 1. Inputs: everything that can be wrong is checked before a file is written.
+    combiner = check_run(cfg)
+    tasks = [TASKS[t] for t in cfg.data.tasks]
+    raw_train, raw_dev = read_data(cfg, tasks)
+    if dist.is_main:
+        storage.ensure_writable(cfg.out)
+    prior = checkpoint.latest(cfg.out)
+    resumed = checkpoint.load(prior) if prior else None
+    changed = _differs(resumed["config"], cfg.to_dict()) if resumed else []
+    if changed:
+        log.warning("resuming %s with changed settings: %s", cfg.out, ", ".join(changed))
+
+    # 2. Data, model, optimizer.
+    train_sets = tokenize_all(cfg, tasks, raw_train, dist)
+    dev_sets = tokenize_all(cfg, tasks, raw_dev, dist)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, tasks).to(dist.device)
+    combiner.to(dist.device)
+    sampler = MultiTaskSampler({t: len(e) for t, e in train_sets.items()}, cfg.data, cfg.optim, cfg.seed,
+                               dist.rank, dist.world_size)
+    steps_per_epoch = sampler.steps_per_epoch()
+    total_steps = steps_per_epoch * cfg.optim.epochs
+    if cfg.optim.max_steps:
+        total_steps = min(total_steps, cfg.optim.max_steps)
+    optimizer = build_optimizer(cfg, model, combiner)
+    scheduler = build_scheduler(cfg, optimizer, total_steps)
+    precision = Precision(cfg.precision, dist.device)
+
+    # 3. Resume.
+    state = TrainState()
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        combiner.load_state_dict(resumed["combiner"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        precision.scaler.load_state_dict(resumed["scaler"])
+        state = TrainState(**resumed["state"])
+        log.info("resumed %s at step %d (epoch %d)", cfg.out, state.step, state.epoch)
+    ddp = model
+    if dist.distributed:
+        ddp = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+                                      find_unused_parameters=cfg.data.one_task_per_step)
+
+    sink = TensorBoardSink(cfg.out, state.step) if dist.is_main else NullSink()
+    bar = progress_bar(total_steps, state.step, cfg.progress, dist.is_main, f"{'+'.join(cfg.data.tasks)}")
+    wall_before = state.wall_time_s
+
+    def save_full() -> None:
+        state.wall_time_s = wall_before + time.perf_counter() - started
+        if dist.is_main:
+            checkpoint.save(cfg.out, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": precision.scaler.state_dict(),
+                "combiner": combiner.state_dict(), "state": vars(state).copy(), "config": cfg.to_dict(),
+                "step": state.step,
+            }, state.step, cfg.keep_checkpoints)
+        dist.barrier()
+
+    # 4. Epochs.
+    model.train()
+    while state.epoch < cfg.optim.epochs and not _done(state, cfg):
+        plan = sampler.epoch(state.epoch)
+        for step in plan[state.step_in_epoch:]:
+            # Dropout masks are a function of (seed, rank, step): resuming needs no RNG state.
+            torch.manual_seed((cfg.seed * 1_000_003 + state.step) * 1009 + dist.rank)
+            tick = time.perf_counter()
+            stats = train_step(step, model, ddp, combiner, train_sets, optimizer, scheduler, precision, cfg, dist)
+            state.train_time_s += time.perf_counter() - tick
+            state.examples += sum(step.global_count.values())
+            state.step += 1
+            state.step_in_epoch += 1
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss/combined']:.3f}", epoch=state.epoch + 1)
+            if state.step % cfg.log_every_steps == 0:
+                speed = state.examples / max(state.train_time_s, 1e-9)
+                sink.scalars(state.step, {**stats, "lr": scheduler.get_last_lr()[0],
+                                          **{f"weight/{t}": w for t, w in combiner.task_weights().items()},
+                                          "examples_per_s": speed})
+                if not bar and dist.is_main:
+                    log.info("step %d/%d epoch %d loss %.4f %.1f examples/s", state.step, total_steps,
+                             state.epoch + 1, stats["loss/combined"], speed)
+            if cfg.save_every_steps and state.step % cfg.save_every_steps == 0:
+                save_full()
+            if _done(state, cfg):
+                break
+        if state.step_in_epoch >= len(plan):
+            state.epoch += 1
+            state.step_in_epoch = 0
+        last = state.epoch >= cfg.optim.epochs or _done(state, cfg)
+        if state.epoch % cfg.eval_every_epochs == 0 or last:
+            record = _evaluate_and_keep_best(cfg, model, dev_sets, precision, dist, state, sink)
+            if on_epoch_end:
+                on_epoch_end(record)
+        save_full()
+        sink.flush()
+    if bar:
+        bar.close()
+
+    # 5. Results.
+    state.wall_time_s = wall_before + time.perf_counter() - started
+    results = {
+        "config": cfg.to_dict(), "tasks": list(cfg.data.tasks), "steps": state.step, "epochs": state.history,
+        "best": state.best, "wall_time_s": state.wall_time_s, "train_time_s": state.train_time_s,
+        "examples_per_s": state.examples / max(state.train_time_s, 1e-9), "world_size": dist.world_size,
+        "skipped_rows": {t: raw_train[t].skipped + raw_dev[t].skipped for t in raw_train},
+    }
+    if dist.is_main:
+        sink.hparams(cfg.to_dict(), {k: v for k, v in state.best.get("metrics", {}).items()})
+        storage.write_text(storage.join(cfg.out, "results.json"), json.dumps(results, indent=2))
+    sink.close()
+    return results
+
+
+def _done(state: TrainState, cfg: RunConfig) -> bool:
+    return bool(cfg.optim.max_steps) and state.step >= cfg.optim.max_steps
+
+
+def _differs(a: dict, b: dict) -> list[str]:
+    from mtl.monitor import flatten
+
+    fa, fb = flatten(a), flatten(b)
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k) and k not in ("progress",))
+
+
+def _evaluate_and_keep_best(cfg, model, dev_sets, precision, dist, state: TrainState, sink) -> dict:
+    metrics = evaluate(model, dev_sets, cfg.optim.batch_size * 4, precision, dist.device)
+    score = metrics[cfg.select_metric]
+    record = {"epoch": state.epoch, "step": state.step, "metrics": metrics, "score": score}
+    state.history.append(record)
+    sink.scalars(state.step, {f"dev/{k}": v for k, v in metrics.items()})
+    if score > state.best_score:
+        state.best_score = score
+        state.best = record
+        if dist.is_main:
+            storage.save_torch(storage.join(cfg.out, "best", "model.pt"),
+                               {"model": model.state_dict(), "metrics": metrics, "epoch": state.epoch,
+                                "step": state.step, "config": cfg.to_dict()})
+    log.info("epoch %d step %d dev %s", state.epoch, state.step,
+             " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return {**record, "best_score": state.best_score}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mtl.cli import run_cli
+
+    return run_cli(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

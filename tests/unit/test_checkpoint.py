@@ -1,0 +1,51 @@
+import json
+
+import pytest
+import torch
+
+from mtl import checkpoint, storage
+from mtl.errors import CheckpointError
+
+
+def test_pointer_is_published_last_and_old_checkpoints_are_pruned(tmp_path):
+    out = str(tmp_path)
+    assert checkpoint.latest(out) is None
+    for step in (1, 2, 3):
+        checkpoint.save(out, {"model": {"w": torch.tensor([float(step)])}, "step": step}, step, keep=2)
+    assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text()) == {"file": "step-00000003.pt", "step": 3}
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "latest.json", "step-00000002.pt", "step-00000003.pt"]
+    assert checkpoint.load(checkpoint.latest(out))["model"]["w"].item() == 3.0
+
+
+def test_a_checkpoint_is_loaded_without_unpickling_code(tmp_path):
+    import io
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    buf = io.BytesIO()
+    torch.save({"model": {}, "step": 1, "x": Evil()}, buf)
+    storage.write_bytes(str(tmp_path / "bad.pt"), buf.getvalue())
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        checkpoint.load(str(tmp_path / "bad.pt"))
+
+
+def test_missing_or_foreign_files(tmp_path):
+    with pytest.raises(CheckpointError, match="is missing"):
+        checkpoint.load(str(tmp_path / "nope.pt"))
+    storage.save_torch(str(tmp_path / "other.pt"), {"weights": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match="not a checkpoint of this library"):
+        checkpoint.load(str(tmp_path / "other.pt"))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not a valid checkpoint pointer"):
+        checkpoint.latest(str(tmp_path))
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path):
+    storage.write_text(str(tmp_path / "a" / "f.json"), "1")
+    storage.write_text(str(tmp_path / "a" / "f.json"), "2")
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["f.json"]
+    assert (tmp_path / "a" / "f.json").read_text() == "2"

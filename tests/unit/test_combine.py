@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from mtl.combine import COMBINERS, build_combiner
+from mtl.config import CombinerConfig
+from mtl.errors import ConfigError
+
+L = {"sst": torch.tensor(2.0), "para": torch.tensor(3.0), "sts": torch.tensor(5.0)}
+
+
+def test_registry_has_the_methods_of_this_stage():
+    assert {"sum", "scalarize"} <= set(COMBINERS)
+
+
+def test_sum_adds_losses():
+    c = build_combiner(CombinerConfig("sum"), ("sst", "para"), False)
+    assert float(c.combine({t: L[t] for t in ("sst", "para")})) == 5.0
+    assert c.task_weights() == {"sst": 1.0, "para": 1.0}
+
+
+def test_scalarize_pair_uses_alpha_in_canonical_order():
+    c = build_combiner(CombinerConfig("scalarize", alpha=0.4), ("sst", "sts"), False)
+    assert float(c.combine({"sst": L["sst"], "sts": L["sts"]})) == pytest.approx(0.4 * 2 + 0.6 * 5)
+    assert c.task_weights() == pytest.approx({"sst": 0.4, "sts": 0.6})
+
+
+def test_scalarize_three_tasks_needs_a_weight_vector():
+    with pytest.raises(ConfigError, match="combiner.weights"):
+        build_combiner(CombinerConfig("scalarize"), ("sst", "para", "sts"), False)
+    c = build_combiner(CombinerConfig("scalarize", weights="0.2,0.3,0.5"), ("sst", "para", "sts"), False)
+    assert float(c.combine(L)) == pytest.approx(0.2 * 2 + 0.3 * 3 + 0.5 * 5)
+    with pytest.raises(ConfigError, match="2 weights given for 3 task"):
+        build_combiner(CombinerConfig("scalarize", weights="0.5,0.5"), ("sst", "para", "sts"), False)
+
+
+def test_scalarize_single_task_is_trivial_and_alpha_range_is_checked():
+    c = build_combiner(CombinerConfig("scalarize", alpha=0.1), ("para",), False)
+    assert float(c.combine({"para": L["para"]})) == 3.0
+    with pytest.raises(ConfigError, match=r"^combiner.alpha: 1.2 is outside \[0, 1\]"):
+        CombinerConfig("scalarize", alpha=1.2)
+
+
+def test_one_task_per_step_sampling_is_refused_where_a_method_needs_all_tasks():
+    with pytest.raises(ConfigError, match="needs every task's loss in each step"):
+        build_combiner(CombinerConfig("scalarize"), ("sst", "para"), one_task_per_step=True)
+    build_combiner(CombinerConfig("sum"), ("sst", "para"), one_task_per_step=True)
+
+
+def test_unknown_method_lists_the_known_ones():
+    with pytest.raises(ConfigError, match=r"unknown method 'mgda' \(known: .*scalarize.*sum"):
+        build_combiner(CombinerConfig("mgda"), ("sst",), False)
+
+
+def test_default_backward_applies_the_scale_and_returns_the_combined_loss():
+    w = torch.nn.Parameter(torch.tensor(1.0))
+    c = build_combiner(CombinerConfig("scalarize", alpha=0.25), ("sst", "para"), False)
+    total = c.backward({"sst": 2 * w, "para": 4 * w}, lambda x: 8 * x)
+    assert float(total) == pytest.approx(0.25 * 2 + 0.75 * 4)
+    assert float(w.grad) == pytest.approx(8 * (0.25 * 2 + 0.75 * 4))

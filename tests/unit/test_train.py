@@ -1,0 +1,121 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import fsspec
+import pytest
+import torch
+
+from mtl import checkpoint, storage
+from mtl.train import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def final_weights(out):
+    return checkpoint.load(checkpoint.latest(out))["model"]
+
+
+def assert_same_weights(a, b, atol):
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= atol, f"largest difference {worst}"
+
+
+def test_grad_accumulation_equals_a_larger_batch(make_config, tmp_path):
+    # 36 rows, global batch 8: four full steps and an uneven last one of 4 examples.
+    common = {"data.tasks": "sst,para", "data.max_train_rows": 36, "optim.epochs": 1}
+    big = train(make_config(out=str(tmp_path / "big"), **common, **{"optim.batch_size": 8}))
+    acc = train(make_config(out=str(tmp_path / "acc"), **common, **{"optim.batch_size": 4, "optim.grad_accum": 2}))
+    assert big["steps"] == acc["steps"] == 5
+    assert_same_weights(final_weights(str(tmp_path / "big")), final_weights(str(tmp_path / "acc")), atol=2e-6)
+    # and it is not trivially equal: a different batch gives different weights
+    other = train(make_config(out=str(tmp_path / "other"), **common, **{"optim.batch_size": 4}))
+    assert other["steps"] == 9
+    with pytest.raises(AssertionError):
+        assert_same_weights(final_weights(str(tmp_path / "big")), final_weights(str(tmp_path / "other")), atol=1e-4)
+
+
+def cli_args(cfg):
+    return [sys.executable, "-m", "mtl.train", "--model", cfg.model.model, "--max-length", "32",
+            "--tasks", "sst,sts", "--epochs", "3", "--batch-size", "4", "--lr", "1e-3", "--dropout", "0.3",
+            "--max-train-rows", "400", "--max-dev-rows", "32", "--save-every-steps", "5", "--progress", "off",
+            "--out", cfg.out]
+
+
+def test_a_killed_trial_resumes_to_the_results_of_an_uninterrupted_one(make_config, tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    whole = make_config(out=str(tmp_path / "whole"))
+    subprocess.run(cli_args(whole), check=True, env=env, capture_output=True, cwd=ROOT)
+
+    cut = make_config(out=str(tmp_path / "cut"))
+    proc = subprocess.Popen(cli_args(cut), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer = tmp_path / "cut" / "checkpoints" / "latest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not pointer.exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut" / "results.json").exists(), "the run finished before it could be killed"
+    killed_at = json.loads(pointer.read_text())["step"]
+    subprocess.run(cli_args(cut), check=True, env=env, capture_output=True, cwd=ROOT)
+
+    a = json.loads((tmp_path / "whole" / "results.json").read_text())
+    b = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert killed_at < b["steps"] == a["steps"] == 300
+    assert [e["metrics"] for e in a["epochs"]] == [e["metrics"] for e in b["epochs"]]
+    assert a["best"] == b["best"]
+    assert_same_weights(final_weights(whole.out), final_weights(cut.out), atol=0.0)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains(make_config, precision):
+    res = train(make_config(precision=precision, **{"data.tasks": "para,sts", "optim.max_steps": 4}))
+    assert res["steps"] == 4
+    assert all(v == v for v in res["best"]["metrics"].values())   # no NaN
+
+
+def test_every_sampling_mode_and_three_tasks_run(make_config, tmp_path):
+    for i, mode in enumerate(["max_size", "fixed_n", "temperature", "proportional"]):
+        res = train(make_config(out=str(tmp_path / mode), **{"data.tasks": "sst,para,sts", "data.epoch_mode": mode,
+                                                               "data.examples_per_task": 12}))
+        assert set(res["best"]["metrics"]) >= {"sst/acc", "para/f1", "sts/spearman", "mean"}
+
+
+def test_storage_can_be_any_fsspec_url(make_config):
+    out = "memory://mtl-test-run"
+    res = train(make_config(out=out, **{"data.tasks": "sst", "model.pair_encoding": "siamese"}))
+    fs = fsspec.filesystem("memory")
+    saved = json.loads(fs.cat("/mtl-test-run/results.json"))
+    assert saved["steps"] == res["steps"] and saved["config"]["out"] == out
+    assert checkpoint.latest(out).endswith(f"step-{res['steps']:08d}.pt")
+    assert any("tfevents" in p for p in fs.find("/mtl-test-run/tb"))
+    assert fs.exists("/mtl-test-run/best/model.pt")
+
+
+def test_results_and_tensorboard_record_the_run(make_config, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = make_config(**{"data.tasks": "sst,para", "combiner.combiner": "scalarize", "combiner.alpha": 0.3,
+                         "optim.epochs": 2})
+    res = train(cfg)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["config"] == cfg.to_dict()
+    assert [e["epoch"] for e in saved["epochs"]] == [1, 2]
+    assert saved["best"]["score"] == max(e["metrics"]["mean"] for e in saved["epochs"])
+    assert saved["examples_per_s"] > 0 and saved["wall_time_s"] >= saved["train_time_s"] > 0
+    best = storage.load_torch(str(tmp_path / "run" / "best" / "model.pt"))
+    assert best["epoch"] == saved["best"]["epoch"]
+
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss/sst", "loss/para", "loss/combined", "weight/sst", "lr", "examples_per_s", "dev/mean"} <= tags
+    assert [e.value for e in acc.Scalars("weight/sst")][0] == pytest.approx(0.3)
+    assert len(acc.Scalars("dev/sst/acc")) == 2
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(acc.PluginTagToContent("hparams"))
+    assert "hparam/mean" in tags
+    assert res["world_size"] == 1
