@@ -142,7 +142,28 @@ class CombinerConfig:
     weights: tuple[float, ...] = _help("scalarize, any number of tasks: comma-separated weights summing to 1",
                                        default=())
 
+    pcgrad_reduction: str = _help("pcgrad: add ('sum', a pair's step matches loss addition) or average ('mean') "
+                                  "the projected task gradients", default="sum")
+    pcgrad_on: str = _help("pcgrad: project gradients of the shared 'params' (exact) or of the shared pooled "
+                           "'representation' (one encoder backward; an approximation)", default="params")
+    dtp_alpha: float = _help("dtp: weight of the newest KPI in its moving average", default=0.1)
+    dtp_gamma: float = _help("dtp: focusing exponent of -(1-kpi)^gamma log(kpi)", default=1.0)
+    dtp_kpi: str = _help("dtp: KPI from 'train' batches (every step) or 'dev' evaluation (every eval)",
+                         default="train")
+    combiner_lr: float = _help("learning rate of learnable loss weights (uncertainty); 0: the model's", default=1e-3)
+    conflict_every: int = _help("log task-gradient cosines and norms every N steps (every step for pcgrad, "
+                                "which computes them anyway; 0: off)", default=50)
+
     def __post_init__(self):
+        _require(self.pcgrad_reduction in ("sum", "mean"), "combiner.pcgrad_reduction",
+                 f"{self.pcgrad_reduction!r} is not sum|mean")
+        _require(self.pcgrad_on in ("params", "representation"), "combiner.pcgrad_on",
+                 f"{self.pcgrad_on!r} is not params|representation")
+        _require(0.0 < self.dtp_alpha <= 1.0, "combiner.dtp_alpha", f"{self.dtp_alpha} is outside (0, 1]")
+        _require(self.dtp_gamma >= 0.0, "combiner.dtp_gamma", "must be >= 0")
+        _require(self.dtp_kpi in ("train", "dev"), "combiner.dtp_kpi", f"{self.dtp_kpi!r} is not train|dev")
+        _require(self.combiner_lr >= 0.0, "combiner.combiner_lr", "must be >= 0")
+        _require(self.conflict_every >= 0, "combiner.conflict_every", "must be >= 0")
         if isinstance(self.weights, str):
             try:
                 self.weights = tuple(float(w) for w in self.weights.split(",") if w.strip())

@@ -92,6 +92,12 @@ class MultiTaskModel(nn.Module):
                 continue
             heads[t.name] = MLPHead(3 * width if siamese_pair else width, hidden, t.num_outputs, cfg.dropout)
         self.heads = nn.ModuleDict(heads)
+        # The pooled vectors of the last forward, per task (PCGrad's representation mode reads them).
+        self.last_pooled: dict[str, torch.Tensor] = {}
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters every task's loss can reach: the encoder (heads are per task)."""
+        return [p for p in self.encoder.parameters() if p.requires_grad]
 
     def pool(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = self.encoder(**inputs).last_hidden_state
@@ -103,22 +109,22 @@ class MultiTaskModel(nn.Module):
     def task_output(self, task: str, batch: TaskBatch) -> torch.Tensor:
         """Logits (SEN, PAR) or a score in 0..5 (SIM) for one task's batch."""
         if len(batch.inputs) == 1:
-            features = self.pool(batch.inputs[0])
+            features = self.last_pooled[task] = self.pool(batch.inputs[0])
         else:
-            u, v = self._pool_pair(batch.inputs)
+            u, v = self._pool_pair(batch.inputs, task)
             if task not in self.heads:   # cosine SIM head
                 return (SIM_SCALE * F.cosine_similarity(u.float(), v.float(), dim=-1)).unsqueeze(-1)
             features = torch.cat([u, v, (u - v).abs()], dim=-1)
         out = self.heads[task](features)
         return SIM_SCALE * torch.sigmoid(out.float()) if task == "sts" else out
 
-    def _pool_pair(self, inputs: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pool_pair(self, inputs: list[dict[str, torch.Tensor]], task: str) -> tuple[torch.Tensor, torch.Tensor]:
         # Both sentences go through the encoder in one call: half the kernel launches.
         a, b = inputs
         width = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
         joined = {k: torch.cat([F.pad(a[k], (0, width - a[k].shape[1])), F.pad(b[k], (0, width - b[k].shape[1]))])
                   for k in a}
-        pooled = self.pool(joined)
+        pooled = self.last_pooled[task] = self.pool(joined)
         return pooled[: len(pooled) // 2], pooled[len(pooled) // 2:]
 
     def forward(self, batches: dict[str, TaskBatch]) -> dict[str, torch.Tensor]:

@@ -24,6 +24,14 @@ class TaskSpec:
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # per-example losses
     output: Callable[[torch.Tensor], torch.Tensor]               # head logits -> prediction in label space
     metrics: Callable[[torch.Tensor, torch.Tensor], dict]
+    regression: bool = False
+
+    def kpi(self, output: torch.Tensor, labels: torch.Tensor) -> float:
+        """A batch's score in [0, 1]: accuracy, or Pearson's r mapped from [-1, 1]."""
+        pred = self.output(output.detach()).cpu()
+        if self.regression:
+            return (scores.pearson(pred, labels.cpu()) + 1.0) / 2.0
+        return scores.accuracy(pred, labels.cpu().long())
 
     @property
     def is_pair(self) -> bool:
@@ -90,6 +98,7 @@ STS = TaskSpec(
     loss=lambda score, y: F.mse_loss(score.float().squeeze(-1), y.float(), reduction="none"),
     output=lambda score: score.squeeze(-1).float(),
     metrics=lambda p, y: {"pearson": scores.pearson(p, y), "spearman": scores.spearman(p, y)},
+    regression=True,
 )
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in (SST, PARA, STS)}

@@ -10,6 +10,7 @@ gradient accumulation), dev evaluation, best-weights and full-state checkpoints.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from mtl import checkpoint, storage
 from mtl.combine import Combiner, build_combiner
 from mtl.config import RunConfig
+from mtl.conflict import conflict_stats, task_gradients
 from mtl.data import MultiTaskSampler, Step, encode_split, eval_order, make_batch, read_split
 from mtl.dist import DistContext
 from mtl.model import MultiTaskModel, build_model, load_tokenizer
@@ -44,6 +46,8 @@ class TrainState:
     train_time_s: float = 0.0
     wall_time_s: float = 0.0
     examples: int = 0
+    conflict_steps: int = 0       # steps whose task gradients conflicted, of those measured
+    measured_steps: int = 0
 
 
 class Precision:
@@ -96,7 +100,7 @@ def build_optimizer(cfg: RunConfig, model: torch.nn.Module, combiner: Combiner) 
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     extra = [p for p in combiner.parameters() if p.requires_grad]
     if extra:
-        groups.append({"params": extra, "weight_decay": 0.0})
+        groups.append({"params": extra, "weight_decay": 0.0, "lr": cfg.combiner.combiner_lr or o.lr})
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
 
 
@@ -122,13 +126,18 @@ def check_run(cfg: RunConfig) -> Combiner:
 # One optimizer step
 # --------------------------------------------------------------------------------------------
 def train_step(step: Step, model: MultiTaskModel, ddp: torch.nn.Module, combiner: Combiner, encoded: dict,
-               optimizer, scheduler, precision: Precision, cfg: RunConfig, dist: DistContext) -> dict:
+               optimizer, scheduler, precision: Precision, cfg: RunConfig, dist: DistContext,
+               probe_conflict: bool = False) -> tuple[dict, dict | None]:
+    """One optimizer step.  Returns the step's scalars, and the per-task gradients of the
+    shared parameters when they were computed (by the combiner, or by the conflict probe)."""
     task_loss = {t: 0.0 for t in step.global_count}
     total = 0.0
+    probed = None
     for i, micro in enumerate(step.micro):
         last = i == len(step.micro) - 1
         batches = {t: make_batch(encoded[t], idx).to(dist.device) for t, idx in micro.items()}
-        sync = contextlib.nullcontext() if last or ddp is model else ddp.no_sync()
+        let_ddp_sync = last and not combiner.syncs_gradients_itself
+        sync = contextlib.nullcontext() if let_ddp_sync or ddp is model else ddp.no_sync()
         with sync:
             with precision.autocast():
                 outputs = ddp(batches)
@@ -136,10 +145,14 @@ def train_step(step: Step, model: MultiTaskModel, ddp: torch.nn.Module, combiner
             # DDP, so uneven final batches and any accumulation give the exact global mean.
             losses = {t: TASKS[t].loss(outputs[t], batches[t].labels).sum() * (dist.world_size / step.global_count[t])
                       for t in batches}
-            total += float(combiner.backward(losses, precision.scale))
+            combiner.observe(outputs, batches)
+            if probe_conflict and i == 0 and len(losses) > 1:
+                probed = task_gradients(losses, model.shared_parameters(), dist)
+            total += float(combiner.backward(losses, precision.scale, share=1.0 / len(step.micro)))
         for t, loss in losses.items():
             task_loss[t] += float(loss.detach())
-    combiner.before_optimizer_step()
+    loss_scale = precision.scaler.get_scale() if precision.scaler.is_enabled() else 1.0
+    combiner.before_optimizer_step(loss_scale)
     precision.scaler.unscale_(optimizer)
     grad_norm = None
     if cfg.optim.grad_clip > 0:
@@ -155,7 +168,7 @@ def train_step(step: Step, model: MultiTaskModel, ddp: torch.nn.Module, combiner
     stats["loss/combined"] = total
     if grad_norm is not None:
         stats["grad_norm"] = grad_norm
-    return stats
+    return stats, combiner.task_gradients() or probed
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,6 +222,7 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, tasks).to(dist.device)
     combiner.to(dist.device)
+    combiner.bind(model, dist, cfg.seed)
     sampler = MultiTaskSampler({t: len(e) for t, e in train_sets.items()}, cfg.data, cfg.optim, cfg.seed,
                                dist.rank, dist.world_size)
     steps_per_epoch = sampler.steps_per_epoch()
@@ -257,7 +271,16 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
             # Dropout masks are a function of (seed, rank, step): resuming needs no RNG state.
             torch.manual_seed((cfg.seed * 1_000_003 + state.step) * 1009 + dist.rank)
             tick = time.perf_counter()
-            stats = train_step(step, model, ddp, combiner, train_sets, optimizer, scheduler, precision, cfg, dist)
+            every = cfg.combiner.conflict_every
+            probe = bool(every) and (state.step + 1) % every == 0
+            stats, grads = train_step(step, model, ddp, combiner, train_sets, optimizer, scheduler, precision, cfg,
+                                      dist, probe_conflict=probe)
+            if grads is not None and len(grads) > 1 and every:
+                conflict, conflicted = conflict_stats(grads)
+                state.measured_steps += 1
+                state.conflict_steps += conflicted
+                conflict["grad_conflict/fraction"] = state.conflict_steps / state.measured_steps
+                sink.scalars(state.step + 1, conflict)
             state.examples += sum(step.global_count.values())
             state.step += 1
             state.step_in_epoch += 1
@@ -268,7 +291,7 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
                 speed = state.examples / max(state.train_time_s + time.perf_counter() - tick, 1e-9)
                 sink.scalars(state.step, {**stats, "lr": scheduler.get_last_lr()[0],
                                           **{f"weight/{t}": w for t, w in combiner.task_weights().items()},
-                                          "examples_per_s": speed})
+                                          **combiner.extra_scalars(), "examples_per_s": speed})
                 if not bar and dist.is_main:
                     log.info("step %d/%d epoch %d loss %.4f %.1f examples/s", state.step, total_steps,
                              state.epoch + 1, stats["loss/combined"], speed)
@@ -284,6 +307,7 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
         last = state.epoch >= cfg.optim.epochs or _done(state, cfg)
         if state.epoch % cfg.eval_every_epochs == 0 or last:
             record = _evaluate_and_keep_best(cfg, model, dev_sets, precision, dist, state, sink)
+            combiner.after_evaluation(record["metrics"])
             if on_epoch_end:
                 on_epoch_end(record)
         save_full()
@@ -298,12 +322,23 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
         "best": state.best, "wall_time_s": state.wall_time_s, "train_time_s": state.train_time_s,
         "examples_per_s": state.examples / max(state.train_time_s, 1e-9), "world_size": dist.world_size,
         "skipped_rows": {t: raw_train[t].skipped + raw_dev[t].skipped for t in raw_train},
+        "grad_conflict_fraction": state.conflict_steps / state.measured_steps if state.measured_steps else None,
+        "weights_digest": weights_digest(model),
     }
     if dist.is_main:
         sink.hparams(cfg.to_dict(), {k: v for k, v in state.best.get("metrics", {}).items()})
         storage.write_text(storage.join(cfg.out, "results.json"), json.dumps(results, indent=2))
     sink.close()
     return results
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A hash of the weights' bytes: replicas on every rank must agree on it."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _done(state: TrainState, cfg: RunConfig) -> bool:

@@ -1,10 +1,20 @@
 """The interface every loss-combination method implements.
 
-A combiner receives the step's per-task losses (each already the mean over the step's
-examples of that task, as this worker's share) and turns them into gradients: by default
-it builds one combined loss and back-propagates it; gradient-surgery methods override
-``backward`` to work on per-task gradients instead.  Learnable weights are parameters of
-the combiner (an ``nn.Module``): the trainer optimises and checkpoints them with the model.
+Per optimizer step the trainer calls, for each micro-batch (gradient accumulation):
+
+    combiner.observe(outputs, batches)                   # e.g. DTP's training KPIs
+    combiner.backward(losses, scale, share)              # accumulate this micro-batch's gradients
+
+and then once, after the last micro-batch and before the optimizer step:
+
+    combiner.before_optimizer_step(loss_scale)           # e.g. PCGrad's surgery
+
+``losses`` holds each task's loss as this worker's share of the step's global mean (they
+add up, over micro-batches and averaged over workers, to the mean over the whole step),
+so a combiner that is linear in the losses is exact under accumulation and DDP.  ``share``
+is the micro-batch's fraction of the step, for terms that are not per-example (such as
+uncertainty weighting's log-sigma).  Learnable weights are parameters of the combiner (an
+``nn.Module``): the trainer optimises and checkpoints them with the model.
 """
 from __future__ import annotations
 
@@ -14,33 +24,63 @@ import torch
 import torch.nn as nn
 
 from mtl.config import CombinerConfig
+from mtl.dist import DistContext
 
 
 class Combiner(nn.Module):
     # A method that compares or weighs tasks within a step cannot run when a step holds one task.
     needs_all_tasks_per_step: ClassVar[bool] = False
+    # The highest DeepSpeed ZeRO stage whose gradient layout the method can work with.
+    max_zero_stage: ClassVar[int] = 3
 
     def __init__(self, tasks: tuple[str, ...], cfg: CombinerConfig):
         super().__init__()
         self.task_names = tuple(tasks)
         self.cfg = cfg
+        self.dist, self.seed = DistContext(), 0
+        # True when the method averages gradients across workers itself (DDP must not).
+        self.syncs_gradients_itself = False
 
-    def combine(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    def bind(self, model: nn.Module, dist: DistContext, seed: int = 0) -> None:
+        """Called once the model exists: what the method needs of it, of the workers and the seed."""
+        self.dist, self.seed = dist, seed
+
+    def combine(self, losses: dict[str, torch.Tensor], share: float) -> torch.Tensor:
         raise NotImplementedError
 
-    def backward(self, losses: dict[str, torch.Tensor], scale: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def observe(self, outputs: dict[str, torch.Tensor], batches: dict) -> None:
+        """Sees each micro-batch's outputs and labels (before backward)."""
+
+    def backward(self, losses: dict[str, torch.Tensor], scale: Callable[[torch.Tensor], torch.Tensor],
+                 share: float = 1.0) -> torch.Tensor:
         """Accumulate this micro-batch's gradients; ``scale`` applies the fp16 loss scale.
         Returns the combined loss (detached) for logging."""
-        total = self.combine(losses)
+        total = self.combine(losses, share)
         scale(total).backward()
         return total.detach()
 
-    def before_optimizer_step(self) -> None:
-        """Called once per optimizer step, after all micro-batches and before clipping."""
+    def before_optimizer_step(self, loss_scale: float = 1.0) -> None:
+        """Once per optimizer step, after all micro-batches, before unscaling and clipping.
+        The combiner's own parameters are outside DDP: average their gradients here."""
+        for p in self.parameters():
+            if p.grad is not None:
+                self.dist.all_reduce_mean(p.grad)
+
+    def after_evaluation(self, metrics: dict[str, float]) -> None:
+        """Sees the dev metrics after each evaluation (identical on every worker)."""
+
+    def task_gradients(self) -> dict[str, torch.Tensor] | None:
+        """Per-task gradients of the shared parameters from the last step, if the method
+        computed them anyway (then gradient-conflict monitoring costs nothing extra)."""
+        return None
 
     def task_weights(self) -> dict[str, float]:
         """The weight each task's loss currently gets, for logging."""
         raise NotImplementedError
+
+    def extra_scalars(self) -> dict[str, float]:
+        """Method-specific values for TensorBoard (sigmas, KPIs, ...)."""
+        return {}
 
 
 COMBINERS: dict[str, type[Combiner]] = {}

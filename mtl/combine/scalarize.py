@@ -29,7 +29,7 @@ class Scalarize(Combiner):
                               "(one per task, summing to 1); --alpha covers pairs only")
         self.weights = dict(zip(tasks, weights))
 
-    def combine(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    def combine(self, losses: dict[str, torch.Tensor], share: float = 1.0) -> torch.Tensor:
         return sum(self.weights[t] * loss for t, loss in losses.items())
 
     def task_weights(self) -> dict[str, float]:

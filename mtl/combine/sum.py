@@ -8,7 +8,7 @@ from mtl.combine.base import Combiner, register
 
 @register("sum")
 class Sum(Combiner):
-    def combine(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    def combine(self, losses: dict[str, torch.Tensor], share: float = 1.0) -> torch.Tensor:
         return sum(losses.values())
 
     def task_weights(self) -> dict[str, float]:

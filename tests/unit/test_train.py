@@ -25,9 +25,11 @@ def assert_same_weights(a, b, atol):
     assert worst <= atol, f"largest difference {worst}"
 
 
-def test_grad_accumulation_equals_a_larger_batch(make_config, tmp_path):
+@pytest.mark.parametrize("method", ["sum", "scalarize", "pcgrad", "uncertainty", "dtp"])
+def test_grad_accumulation_equals_a_larger_batch(make_config, tmp_path, method):
     # 36 rows, global batch 8: four full steps and an uneven last one of 4 examples.
-    common = {"data.tasks": "sst,para", "data.max_train_rows": 36, "optim.epochs": 1}
+    common = {"data.tasks": "sst,para", "data.max_train_rows": 36, "optim.epochs": 1,
+              "combiner.combiner": method, "combiner.alpha": 0.3}
     big = train(make_config(out=str(tmp_path / "big"), **common, **{"optim.batch_size": 8}))
     acc = train(make_config(out=str(tmp_path / "acc"), **common, **{"optim.batch_size": 4, "optim.grad_accum": 2}))
     assert big["steps"] == acc["steps"] == 5
@@ -119,3 +121,45 @@ def test_results_and_tensorboard_record_the_run(make_config, tmp_path):
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(acc.PluginTagToContent("hparams"))
     assert "hparam/mean" in tags
     assert res["world_size"] == 1
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize("pcgrad_on", ["params", "representation"])
+def test_pcgrad_under_mixed_precision(make_config, precision, pcgrad_on):
+    res = train(make_config(precision=precision, **{"data.tasks": "sst,sts", "optim.max_steps": 5,
+                                                    "combiner.combiner": "pcgrad", "combiner.pcgrad_on": pcgrad_on}))
+    assert res["steps"] == 5 and all(v == v for v in res["best"]["metrics"].values())
+
+
+def test_gradient_conflict_is_logged_every_step_for_pcgrad_and_every_k_otherwise(make_config, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def scalars(out, tag):
+        acc = EventAccumulator(str(out / "tb"))
+        acc.Reload()
+        return acc.Scalars(tag) if tag in acc.Tags()["scalars"] else []
+
+    common = {"data.tasks": "sst,para,sts", "optim.max_steps": 6, "combiner.conflict_every": 3}
+    pc = train(make_config(out=str(tmp_path / "pc"), **common, **{"combiner.combiner": "pcgrad"}))
+    assert [e.step for e in scalars(tmp_path / "pc", "grad_cos/sst-para")] == [1, 2, 3, 4, 5, 6]
+    assert len(scalars(tmp_path / "pc", "grad_norm/sts")) == 6
+    fractions = [e.value for e in scalars(tmp_path / "pc", "grad_conflict/fraction")]
+    assert all(0.0 <= f <= 1.0 for f in fractions) and pc["grad_conflict_fraction"] == pytest.approx(fractions[-1])
+    sm = train(make_config(out=str(tmp_path / "sum"), **common))
+    cos = scalars(tmp_path / "sum", "grad_cos/para-sts")
+    assert [e.step for e in cos] == [3, 6] and all(-1.0 <= e.value <= 1.0 for e in cos)
+    assert sm["grad_conflict_fraction"] is not None
+
+
+def test_learnable_and_adaptive_weights_are_logged_and_resumed(make_config, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = make_config(**{"data.tasks": "sst,sts", "combiner.combiner": "uncertainty", "combiner.combiner_lr": 0.1,
+                         "optim.max_steps": 4})
+    train(cfg)
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"))
+    acc.Reload()
+    sigmas = [e.value for e in acc.Scalars("sigma/sts")]
+    assert sigmas and sigmas[-1] != 1.0
+    saved = checkpoint.load(checkpoint.latest(cfg.out))["combiner"]["log_var"]
+    assert saved.abs().sum() > 0
