@@ -25,15 +25,32 @@ def checkpoint_dir(out: str) -> str:
     return storage.join(out, "checkpoints")
 
 
-def save(out: str, state: dict, step: int, keep: int) -> str:
+def state_url(out: str, step: int) -> str:
+    return storage.join(checkpoint_dir(out), f"step-{step:08d}.pt")
+
+
+def shards_url(state: str) -> str:
+    """Folder beside a checkpoint for per-rank state (DeepSpeed's optimizer partitions)."""
+    return state[: -len(".pt")] + ".shards"
+
+
+def publish(out: str, step: int, keep: int) -> None:
+    """Make the checkpoint of ``step`` the latest (one atomic write), then drop old ones."""
     folder = checkpoint_dir(out)
     name = f"step-{step:08d}.pt"
-    storage.save_torch(storage.join(folder, name), state)
     storage.write_text(storage.join(folder, POINTER), json.dumps({"file": name, "step": step}))
-    for old in [n for n in storage.listdir(folder) if n.startswith("step-") and n.endswith(".pt")][:-keep]:
-        if old != name:
-            storage.remove(storage.join(folder, old))
-    return storage.join(folder, name)
+    steps = sorted({n[:13] for n in storage.listdir(folder) if n.startswith("step-")})
+    for old in steps[:-keep]:
+        if old != name[:13]:
+            storage.remove(storage.join(folder, old + ".pt"))
+            storage.remove(storage.join(folder, old + ".shards"), recursive=True)
+
+
+def save(out: str, state: dict, step: int, keep: int) -> str:
+    url = state_url(out, step)
+    storage.save_torch(url, state)
+    publish(out, step, keep)
+    return url
 
 
 def latest(out: str) -> str | None:

@@ -25,7 +25,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             default = default[part]
         if isinstance(default, list):
             default = ",".join(str(v) for v in default)
-        kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else "", str)
+        kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else "", str)   # bool: true/false
         group.add_argument(f"--{flag.replace('_', '-')}", dest=key, type=kind, default=argparse.SUPPRESS,
                            metavar=flag.upper(), help=f"{f.metadata['help']} (default: {default})")
 

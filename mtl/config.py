@@ -179,6 +179,21 @@ class CombinerConfig:
 
 
 @dataclass
+class ParallelConfig:
+    strategy: str = _help("'ddp' (plain PyTorch; DDP across workers) or 'deepspeed'", default="ddp")
+    zero_stage: int = _help("deepspeed: ZeRO stage 0, 1 or 2", default=0)
+    offload_optimizer: bool = _help("deepspeed: keep optimizer state in CPU memory (ZeRO-Offload)", default=False)
+
+    def __post_init__(self):
+        _require(self.strategy in ("ddp", "deepspeed"), "parallel.strategy", f"{self.strategy!r} is not ddp|deepspeed")
+        _require(self.zero_stage in (0, 1, 2), "parallel.zero_stage",
+                 f"{self.zero_stage} is not 0, 1 or 2 (stage 3 would partition the weights that evaluation and "
+                 "the best-weights file read whole)")
+        _require(self.strategy == "deepspeed" or (self.zero_stage == 0 and not self.offload_optimizer),
+                 "parallel.zero_stage", "ZeRO stages and offload need --strategy deepspeed")
+
+
+@dataclass
 class RunConfig:
     out: str = _help("run folder or fsspec URL: checkpoints, TensorBoard logs, results.json", default="runs/default")
     seed: int = _help("seed for weights of the heads, sampling and dropout", default=0)
@@ -195,6 +210,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     combiner: CombinerConfig = field(default_factory=CombinerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self):
         _require(bool(self.out), "out", "must name a folder or URL")
@@ -238,7 +254,8 @@ class RunConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "combiner": CombinerConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "combiner": CombinerConfig,
+            "parallel": ParallelConfig}
 
 
 def _build(cls, d: dict, prefix: str):
@@ -267,6 +284,12 @@ def _coerce(f: dataclasses.Field, value, name: str):
             return int(value)
         if kind == "float":
             return float(value)
+        if kind == "bool":
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
         if kind == "str":
             if not isinstance(value, str):
                 raise ValueError

@@ -19,16 +19,17 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from mtl import checkpoint, storage
 from mtl.combine import Combiner, build_combiner
 from mtl.config import RunConfig
+from mtl.errors import ConfigError
 from mtl.conflict import conflict_stats, task_gradients
 from mtl.data import MultiTaskSampler, Step, encode_split, eval_order, make_batch, read_split
 from mtl.dist import DistContext
 from mtl.model import MultiTaskModel, build_model, load_tokenizer
 from mtl.monitor import NullSink, TensorBoardSink, progress_bar
+from mtl.strategy import TorchStrategy, build_strategy
 from mtl.tasks import TASKS, TaskSpec
 
 log = logging.getLogger("mtl.train")
@@ -48,23 +49,6 @@ class TrainState:
     examples: int = 0
     conflict_steps: int = 0       # steps whose task gradients conflicted, of those measured
     measured_steps: int = 0
-
-
-class Precision:
-    """Autocast and (for fp16) the gradient scaler."""
-
-    def __init__(self, name: str, device: torch.device):
-        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-        self.device = device
-        self.scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
-
-    def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-    def scale(self, loss: torch.Tensor) -> torch.Tensor:
-        return self.scaler.scale(loss)
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,15 +103,20 @@ def build_scheduler(cfg: RunConfig, optimizer, total_steps: int):
 
 def check_run(cfg: RunConfig) -> Combiner:
     """Checks that span sections; raises ConfigError before anything is read or written."""
-    return build_combiner(cfg.combiner, cfg.data.tasks, cfg.data.one_task_per_step)
+    combiner = build_combiner(cfg.combiner, cfg.data.tasks, cfg.data.one_task_per_step)
+    stage = cfg.parallel.zero_stage if cfg.parallel.strategy == "deepspeed" else 0
+    if stage > combiner.max_zero_stage:
+        raise ConfigError(f"parallel.zero_stage: {cfg.combiner.combiner} needs every task's whole gradient of the "
+                          f"shared parameters on each worker, which ZeRO stage {stage} partitions "
+                          f"(use --zero-stage {combiner.max_zero_stage} or lower)")
+    return combiner
 
 
 # --------------------------------------------------------------------------------------------
 # One optimizer step
 # --------------------------------------------------------------------------------------------
-def train_step(step: Step, model: MultiTaskModel, ddp: torch.nn.Module, combiner: Combiner, encoded: dict,
-               optimizer, scheduler, precision: Precision, cfg: RunConfig, dist: DistContext,
-               probe_conflict: bool = False) -> tuple[dict, dict | None]:
+def train_step(step: Step, model: MultiTaskModel, strategy: TorchStrategy, combiner: Combiner, encoded: dict,
+               dist: DistContext, probe_conflict: bool = False) -> tuple[dict, dict | None]:
     """One optimizer step.  Returns the step's scalars, and the per-task gradients of the
     shared parameters when they were computed (by the combiner, or by the conflict probe)."""
     task_loss = {t: 0.0 for t in step.global_count}
@@ -136,11 +125,9 @@ def train_step(step: Step, model: MultiTaskModel, ddp: torch.nn.Module, combiner
     for i, micro in enumerate(step.micro):
         last = i == len(step.micro) - 1
         batches = {t: make_batch(encoded[t], idx).to(dist.device) for t, idx in micro.items()}
-        let_ddp_sync = last and not combiner.syncs_gradients_itself
-        sync = contextlib.nullcontext() if let_ddp_sync or ddp is model else ddp.no_sync()
-        with sync:
-            with precision.autocast():
-                outputs = ddp(batches)
+        with strategy.accumulating(last, combiner):
+            with strategy.autocast():
+                outputs = strategy.forward(batches)
             # Each worker's share of the global mean: summed here, averaged across workers by
             # DDP, so uneven final batches and any accumulation give the exact global mean.
             losses = {t: TASKS[t].loss(outputs[t], batches[t].labels).sum() * (dist.world_size / step.global_count[t])
@@ -148,22 +135,11 @@ def train_step(step: Step, model: MultiTaskModel, ddp: torch.nn.Module, combiner
             combiner.observe(outputs, batches)
             if probe_conflict and i == 0 and len(losses) > 1:
                 probed = task_gradients(losses, model.shared_parameters(), dist)
-            total += float(combiner.backward(losses, precision.scale, share=1.0 / len(step.micro)))
+            total += float(combiner.backward(losses, strategy.backward, share=1.0 / len(step.micro)))
         for t, loss in losses.items():
             task_loss[t] += float(loss.detach())
-    loss_scale = precision.scaler.get_scale() if precision.scaler.is_enabled() else 1.0
-    combiner.before_optimizer_step(loss_scale)
-    precision.scaler.unscale_(optimizer)
-    grad_norm = None
-    if cfg.optim.grad_clip > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
-    scale_before = precision.scaler.get_scale() if precision.scaler.is_enabled() else None
-    precision.scaler.step(optimizer)
-    precision.scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    # An fp16 step whose gradients overflowed was skipped (the scale dropped): so is its lr step.
-    if scale_before is None or precision.scaler.get_scale() >= scale_before:
-        scheduler.step()
+    combiner.before_optimizer_step(strategy.loss_scale())
+    grad_norm = strategy.step()
     stats = {f"loss/{t}": v for t, v in task_loss.items()}
     stats["loss/combined"] = total
     if grad_norm is not None:
@@ -175,7 +151,7 @@ def train_step(step: Step, model: MultiTaskModel, ddp: torch.nn.Module, combiner
 # Evaluation
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model: MultiTaskModel, dev: dict, batch_size: int, precision: Precision, device) -> dict[str, float]:
+def evaluate(model: MultiTaskModel, dev: dict, batch_size: int, strategy: TorchStrategy, device) -> dict[str, float]:
     was_training = model.training
     model.eval()
     metrics: dict[str, float] = {}
@@ -184,7 +160,7 @@ def evaluate(model: MultiTaskModel, dev: dict, batch_size: int, precision: Preci
         order = eval_order(enc)
         preds = []
         for chunk in order.split(batch_size):
-            with precision.autocast():
+            with strategy.autocast():
                 out = model.task_output(task, make_batch(enc, chunk).to(device))
             preds.append(spec.output(out).cpu())
         pred = torch.empty(len(enc), dtype=preds[0].dtype)
@@ -231,22 +207,18 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
         total_steps = min(total_steps, cfg.optim.max_steps)
     optimizer = build_optimizer(cfg, model, combiner)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
-    precision = Precision(cfg.precision, dist.device)
+    strategy = build_strategy(cfg, dist)
+    strategy.setup(model, optimizer, scheduler, combiner)
 
     # 3. Resume.
     state = TrainState()
     if resumed:
         model.load_state_dict(resumed["model"])
         combiner.load_state_dict(resumed["combiner"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        precision.scaler.load_state_dict(resumed["scaler"])
+        strategy.load_state_dict(resumed["strategy"])
+        strategy.load_shards(checkpoint.shards_url(prior))
         state = TrainState(**resumed["state"])
         log.info("resumed %s at step %d (epoch %d)", cfg.out, state.step, state.epoch)
-    ddp = model
-    if dist.distributed:
-        ddp = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
-                                      find_unused_parameters=cfg.data.one_task_per_step)
 
     sink = TensorBoardSink(cfg.out, state.step) if dist.is_main else NullSink()
     bar = progress_bar(total_steps, state.step, cfg.progress, dist.is_main, f"{'+'.join(cfg.data.tasks)}")
@@ -254,14 +226,15 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
 
     def save_full() -> None:
         state.wall_time_s = wall_before + time.perf_counter() - started
+        url = checkpoint.state_url(cfg.out, state.step)
         if dist.is_main:
-            checkpoint.save(cfg.out, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": precision.scaler.state_dict(),
-                "combiner": combiner.state_dict(), "state": vars(state).copy(), "config": cfg.to_dict(),
-                "step": state.step,
-            }, state.step, cfg.keep_checkpoints)
-        dist.barrier()
+            storage.save_torch(url, {
+                "model": model.state_dict(), "strategy": strategy.state_dict(), "combiner": combiner.state_dict(),
+                "state": vars(state).copy(), "config": cfg.to_dict(), "step": state.step})
+        strategy.save_shards(checkpoint.shards_url(url))
+        dist.barrier()     # every rank's part is written before the checkpoint is published
+        if dist.is_main:
+            checkpoint.publish(cfg.out, state.step, cfg.keep_checkpoints)
 
     # 4. Epochs.
     model.train()
@@ -273,8 +246,7 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
             tick = time.perf_counter()
             every = cfg.combiner.conflict_every
             probe = bool(every) and (state.step + 1) % every == 0
-            stats, grads = train_step(step, model, ddp, combiner, train_sets, optimizer, scheduler, precision, cfg,
-                                      dist, probe_conflict=probe)
+            stats, grads = train_step(step, model, strategy, combiner, train_sets, dist, probe_conflict=probe)
             if grads is not None and len(grads) > 1 and every:
                 conflict, conflicted = conflict_stats(grads)
                 state.measured_steps += 1
@@ -306,7 +278,7 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
             state.step_in_epoch = 0
         last = state.epoch >= cfg.optim.epochs or _done(state, cfg)
         if state.epoch % cfg.eval_every_epochs == 0 or last:
-            record = _evaluate_and_keep_best(cfg, model, dev_sets, precision, dist, state, sink)
+            record = _evaluate_and_keep_best(cfg, model, dev_sets, strategy, dist, state, sink)
             combiner.after_evaluation(record["metrics"])
             if on_epoch_end:
                 on_epoch_end(record)
@@ -352,8 +324,8 @@ def _differs(a: dict, b: dict) -> list[str]:
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k) and k not in ("progress",))
 
 
-def _evaluate_and_keep_best(cfg, model, dev_sets, precision, dist, state: TrainState, sink) -> dict:
-    metrics = evaluate(model, dev_sets, cfg.optim.batch_size * 4, precision, dist.device)
+def _evaluate_and_keep_best(cfg, model, dev_sets, strategy, dist, state: TrainState, sink) -> dict:
+    metrics = evaluate(model, dev_sets, cfg.optim.batch_size * 4, strategy, dist.device)
     score = metrics[cfg.select_metric]
     record = {"epoch": state.epoch, "step": state.step, "metrics": metrics, "score": score}
     state.history.append(record)

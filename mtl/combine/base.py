@@ -3,7 +3,7 @@
 Per optimizer step the trainer calls, for each micro-batch (gradient accumulation):
 
     combiner.observe(outputs, batches)                   # e.g. DTP's training KPIs
-    combiner.backward(losses, scale, share)              # accumulate this micro-batch's gradients
+    combiner.backward(losses, backward, share)           # accumulate this micro-batch's gradients
 
 and then once, after the last micro-batch and before the optimizer step:
 
@@ -51,12 +51,13 @@ class Combiner(nn.Module):
     def observe(self, outputs: dict[str, torch.Tensor], batches: dict) -> None:
         """Sees each micro-batch's outputs and labels (before backward)."""
 
-    def backward(self, losses: dict[str, torch.Tensor], scale: Callable[[torch.Tensor], torch.Tensor],
+    def backward(self, losses: dict[str, torch.Tensor], backward: Callable[[torch.Tensor], None],
                  share: float = 1.0) -> torch.Tensor:
-        """Accumulate this micro-batch's gradients; ``scale`` applies the fp16 loss scale.
+        """Accumulate this micro-batch's gradients.  ``backward(loss)`` is the strategy's: it
+        applies the fp16 loss scale (and is DeepSpeed's engine.backward under DeepSpeed).
         Returns the combined loss (detached) for logging."""
         total = self.combine(losses, share)
-        scale(total).backward()
+        backward(total)
         return total.detach()
 
     def before_optimizer_step(self, loss_scale: float = 1.0) -> None:

@@ -79,11 +79,11 @@ class PCGrad(Combiner):
         return {t: w for t in self.task_names}
 
     # --- params mode -------------------------------------------------------------------------
-    def backward(self, losses, scale, share=1.0):
+    def backward(self, losses, backward, share=1.0):
         if not self.on_params:
-            return self._representation_backward(losses, scale)
+            return self._representation_backward(losses, backward)
         for task, loss in losses.items():
-            scale(loss).backward()
+            backward(loss)
             self._harvest(task)
         return sum(l.detach() for l in losses.values())
 
@@ -137,7 +137,7 @@ class PCGrad(Combiner):
         return last
 
     # --- representation mode -----------------------------------------------------------------
-    def _representation_backward(self, losses, scale):
+    def _representation_backward(self, losses, backward):
         pooled = {t: self.model.last_pooled[t] for t in losses}
         tasks = list(losses)
         row_grads = torch.autograd.grad([losses[t] for t in tasks], [pooled[t] for t in tasks], retain_graph=True)
@@ -149,7 +149,7 @@ class PCGrad(Combiner):
             units = [directions[j] / directions[j].norm() for j in plans[i]]
             pooled[task].register_hook(lambda g, units=units: _project_rows(g, units, factor))
         total = sum(losses.values())
-        scale(total).backward()
+        backward(total)
         return total.detach()
 
 

@@ -54,6 +54,6 @@ def test_unknown_method_lists_the_known_ones():
 def test_default_backward_applies_the_scale_and_returns_the_combined_loss():
     w = torch.nn.Parameter(torch.tensor(1.0))
     c = build_combiner(CombinerConfig("scalarize", alpha=0.25), ("sst", "para"), False)
-    total = c.backward({"sst": 2 * w, "para": 4 * w}, lambda x: 8 * x)
+    total = c.backward({"sst": 2 * w, "para": 4 * w}, lambda loss: (8 * loss).backward())
     assert float(total) == pytest.approx(0.25 * 2 + 0.75 * 4)
     assert float(w.grad) == pytest.approx(8 * (0.25 * 2 + 0.75 * 4))

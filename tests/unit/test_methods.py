@@ -80,7 +80,7 @@ def test_pcgrad_on_parameters_with_an_unreached_parameter(reduction, expected):
     model = Toy()
     c = build_combiner(CombinerConfig("pcgrad", pcgrad_reduction=reduction), ("sst", "para"), False)
     c.bind(model, c.dist, seed=0)
-    c.backward(model.losses(), lambda x: x)
+    c.backward(model.losses(), lambda loss: loss.backward())
     c.before_optimizer_step()
     # g1=[1,0,1], g2=[-1,1,0]: g1'=[.5,.5,1], g2'=[-.5,1,.5] (b counts as 0 for task 2)
     assert torch.cat([model.a.grad, model.b.grad]).tolist() == pytest.approx(expected)
@@ -93,12 +93,12 @@ def test_pcgrad_works_on_unscaled_gradients_and_hands_overflow_to_the_scaler():
     model = Toy()
     c = build_combiner(CombinerConfig("pcgrad"), ("sst", "para"), False)
     c.bind(model, c.dist)
-    c.backward(model.losses(), lambda x: 1024.0 * x)
+    c.backward(model.losses(), lambda loss: (1024.0 * loss).backward())
     c.before_optimizer_step(loss_scale=1024.0)
     assert torch.cat([model.a.grad, model.b.grad]).tolist() == pytest.approx([0.0, 1536.0, 1536.0])
     assert c.task_gradients()["sst"].tolist() == [1, 0, 1]       # recorded unscaled
     model.zero_grad(set_to_none=True)
-    c.backward(model.losses(), lambda x: 1e38 * x * 1e10)         # overflows to inf
+    c.backward(model.losses(), lambda loss: (1e38 * loss * 1e10).backward())   # overflows to inf
     c.before_optimizer_step(loss_scale=1e48)
     assert not torch.isfinite(model.a.grad).all()
     assert c.task_gradients() is None
@@ -109,7 +109,7 @@ def test_pcgrad_accumulates_micro_batches_before_one_surgery():
     c = build_combiner(CombinerConfig("pcgrad"), ("sst", "para"), False)
     c.bind(model, c.dist)
     for _ in range(2):
-        c.backward({k: v / 2 for k, v in model.losses().items()}, lambda x: x, share=0.5)
+        c.backward({k: v / 2 for k, v in model.losses().items()}, lambda loss: loss.backward(), share=0.5)
     c.before_optimizer_step()
     assert torch.cat([model.a.grad, model.b.grad]).tolist() == pytest.approx([0.0, 1.5, 1.5])
 

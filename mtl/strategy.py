@@ -1,0 +1,219 @@
+"""How one worker computes, synchronises and applies gradients: plain PyTorch (DDP when there
+are peers) or a DeepSpeed engine.  The training loop calls the same few methods on either:
+
+    with strategy.accumulating(last, combiner):      # no gradient sync before the last micro-batch
+        with strategy.autocast():
+            outputs = strategy.forward(batches)
+        combiner.backward(losses, strategy.backward)  # backward applies the fp16 loss scale
+    combiner.before_optimizer_step(strategy.loss_scale())
+    strategy.step()                                  # unscale, clip, step, zero, schedule
+
+Checkpoints: ``state_dict()`` is what rank 0 saves for the strategy; ``save_shards`` /
+``load_shards`` move any per-rank state (DeepSpeed's partitioned optimizer) through fsspec.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import tempfile
+
+import torch
+import torch.distributed as tdist
+from torch.nn.parallel import DistributedDataParallel
+
+from mtl import storage
+from mtl.config import RunConfig
+from mtl.dist import DistContext
+from mtl.errors import CheckpointError
+
+
+class TorchStrategy:
+    """Plain PyTorch: autocast and a gradient scaler for mixed precision, DDP across workers."""
+
+    def __init__(self, cfg: RunConfig, dist: DistContext):
+        self.cfg, self.dist = cfg, dist
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+        self.scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.precision == "fp16")
+
+    def setup(self, model, optimizer, scheduler, combiner: torch.nn.Module | None = None) -> None:
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.module = model
+        if self.dist.distributed:
+            # One-task-per-step sampling leaves the other heads unused in a step.
+            self.module = DistributedDataParallel(
+                model, device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None,
+                find_unused_parameters=self.cfg.data.one_task_per_step)
+
+    def forward(self, batches):
+        return self.module(batches)
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=self.dtype)
+
+    def accumulating(self, last: bool, combiner):
+        if self.module is self.model or (last and not combiner.syncs_gradients_itself):
+            return contextlib.nullcontext()
+        return self.module.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def loss_scale(self) -> float:
+        return self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+
+    def step(self) -> float | None:
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = None
+        if self.cfg.optim.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
+        scale_before = self.loss_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        # An fp16 step whose gradients overflowed was skipped (the scale dropped): so is its lr step.
+        if self.loss_scale() >= scale_before:
+            self.scheduler.step()
+        return grad_norm
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+    def save_shards(self, url: str) -> None:
+        """Per-rank state that rank 0 cannot save: none for plain PyTorch."""
+
+    def load_shards(self, url: str) -> None:
+        pass
+
+
+class DeepSpeedStrategy(TorchStrategy):
+    """A DeepSpeed engine (ZeRO stage 0-2, optional optimizer offload to CPU) built from the run
+    configuration.  Gradient accumulation is left to the loop (DeepSpeed's unmanaged mode:
+    backward only accumulates, step() is the boundary), so every combiner sees the same
+    micro-batch structure as under DDP."""
+
+    def __init__(self, cfg: RunConfig, dist: DistContext):
+        super().__init__(cfg, dist)
+        self.scaler = torch.amp.GradScaler(dist.device.type, enabled=False)
+        self.dtype = None   # DeepSpeed casts the model itself for bf16/fp16
+
+    def ds_config(self) -> dict:
+        c, o = self.cfg, self.cfg.optim
+        zero = {"stage": c.parallel.zero_stage}
+        if c.parallel.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        conf = {
+            "train_micro_batch_size_per_gpu": o.batch_size,
+            "gradient_accumulation_steps": o.grad_accum,
+            "managed_gradient_accumulation": False,
+            "zero_optimization": zero,
+            "bf16": {"enabled": c.precision == "bf16"},
+            "fp16": {"enabled": c.precision == "fp16", "initial_scale_power": 16},
+            "zero_allow_untested_optimizer": True,
+            "zero_force_ds_cpu_optimizer": False,
+            "steps_per_print": 2 ** 31 - 1,
+            # Always explicit: left out, DeepSpeed clips the global norm to 1.0.
+            "gradient_clipping": o.grad_clip,
+        }
+        return conf
+
+    def setup(self, model, optimizer, scheduler, combiner: torch.nn.Module | None = None) -> None:
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if self.dist.device.type == "cuda" else "cpu")
+        import deepspeed
+
+        for name, value in (("RANK", self.dist.rank), ("LOCAL_RANK", self.dist.local_rank),
+                            ("WORLD_SIZE", self.dist.world_size)):
+            os.environ.setdefault(name, str(value))    # DeepSpeed reads these, whatever launched us
+        if not tdist.is_initialized():
+            # A world of one still needs a process group; DeepSpeed would look for MPI otherwise.
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            tdist.init_process_group("nccl" if self.dist.device.type == "cuda" else "gloo", rank=0, world_size=1)
+        self.model, self.scheduler = model, scheduler
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=_ModelAndWeights(model, combiner), optimizer=optimizer, lr_scheduler=scheduler,
+            config=self.ds_config())
+        self.module = self.engine
+
+    def accumulating(self, last: bool, combiner):
+        return contextlib.nullcontext()   # unmanaged accumulation: backward never reduces
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def loss_scale(self) -> float:
+        scaler = getattr(self.engine.optimizer, "loss_scaler", None)
+        return float(getattr(self.engine.optimizer, "cur_scale", None) or getattr(scaler, "cur_scale", 1.0) or 1.0)
+
+    def step(self) -> float | None:
+        self.engine.step()      # reduce, unscale, clip, step, zero, schedule (skipped on overflow)
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None and self.cfg.optim.grad_clip > 0 else None
+
+    def state_dict(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def save_shards(self, url: str) -> None:
+        """Every rank writes DeepSpeed's checkpoint (weights and its optimizer partition) to a
+        local folder, then copies its own files to ``url``."""
+        local = tempfile.mkdtemp(prefix="mtl-ds-")
+        try:
+            self.engine.save_checkpoint(local, tag="ds", save_latest=False)
+            tdist.barrier()
+            fs, path = storage.filesystem(url)
+            for name in os.listdir(os.path.join(local, "ds")):
+                if self.dist.is_main or f"_rank_{self.dist.rank}_" in name or name.startswith(f"zero_pp_rank_{self.dist.rank}_"):
+                    storage.write_bytes(storage.join(url, name), open(os.path.join(local, "ds", name), "rb").read())
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+
+    def load_shards(self, url: str) -> None:
+        local = tempfile.mkdtemp(prefix="mtl-ds-")
+        try:
+            os.makedirs(os.path.join(local, "ds"))
+            for name in storage.listdir(url):
+                with open(os.path.join(local, "ds", name), "wb") as fh:
+                    fh.write(storage.read_bytes(storage.join(url, name)))
+            path, _ = self.engine.load_checkpoint(local, tag="ds", load_lr_scheduler_states=False)
+            if path is None:
+                raise CheckpointError(f"{url}: DeepSpeed could not load this checkpoint")
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+
+
+class _ModelAndWeights(torch.nn.Module):
+    """What DeepSpeed manages: ZeRO must own every optimised parameter, and learnable loss
+    weights live in the combiner, not the model.  Forward is the model's."""
+
+    def __init__(self, model: torch.nn.Module, combiner: torch.nn.Module | None):
+        super().__init__()
+        self.model = model
+        self.combiner = combiner if combiner is not None and any(True for _ in combiner.parameters()) else None
+
+    def forward(self, batches):
+        return self.model(batches)
+
+
+STRATEGIES = {"ddp": TorchStrategy, "deepspeed": DeepSpeedStrategy}
+
+
+def build_strategy(cfg: RunConfig, dist: DistContext) -> TorchStrategy:
+    return STRATEGIES[cfg.parallel.strategy](cfg, dist)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
