@@ -24,7 +24,7 @@ from mtl import checkpoint, storage
 from mtl.combine import Combiner, build_combiner
 from mtl.config import RunConfig
 from mtl.errors import ConfigError
-from mtl.conflict import conflict_stats, task_gradients
+from mtl.conflict import conflict_stats, probe_gram
 from mtl.data import MultiTaskSampler, Step, encode_split, eval_order, make_batch, read_split
 from mtl.dist import DistContext
 from mtl.model import MultiTaskModel, build_model, load_tokenizer
@@ -117,8 +117,8 @@ def check_run(cfg: RunConfig) -> Combiner:
 # --------------------------------------------------------------------------------------------
 def train_step(step: Step, model: MultiTaskModel, strategy: TorchStrategy, combiner: Combiner, encoded: dict,
                dist: DistContext, probe_conflict: bool = False) -> tuple[dict, dict | None]:
-    """One optimizer step.  Returns the step's scalars, and the per-task gradients of the
-    shared parameters when they were computed (by the combiner, or by the conflict probe)."""
+    """One optimizer step.  Returns the step's scalars, and the Gram matrix of the tasks'
+    gradients of the shared parameters when it was computed (by the combiner, or the probe)."""
     task_loss = {t: 0.0 for t in step.global_count}
     total = 0.0
     probed = None
@@ -134,7 +134,7 @@ def train_step(step: Step, model: MultiTaskModel, strategy: TorchStrategy, combi
                       for t in batches}
             combiner.observe(outputs, batches)
             if probe_conflict and i == 0 and len(losses) > 1:
-                probed = task_gradients(losses, model.shared_parameters(), dist)
+                probed = probe_gram(losses, model.shared_parameters(), dist)
             total += float(combiner.backward(losses, strategy.backward, share=1.0 / len(step.micro)))
         for t, loss in losses.items():
             task_loss[t] += float(loss.detach())
@@ -144,7 +144,7 @@ def train_step(step: Step, model: MultiTaskModel, strategy: TorchStrategy, combi
     stats["loss/combined"] = total
     if grad_norm is not None:
         stats["grad_norm"] = grad_norm
-    return stats, combiner.task_gradients() or probed
+    return stats, combiner.task_gram() or probed
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,9 +246,9 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
             tick = time.perf_counter()
             every = cfg.combiner.conflict_every
             probe = bool(every) and (state.step + 1) % every == 0
-            stats, grads = train_step(step, model, strategy, combiner, train_sets, dist, probe_conflict=probe)
-            if grads is not None and len(grads) > 1 and every:
-                conflict, conflicted = conflict_stats(grads)
+            stats, gram = train_step(step, model, strategy, combiner, train_sets, dist, probe_conflict=probe)
+            if gram is not None and len(gram[0]) > 1 and every:
+                conflict, conflicted = conflict_stats(*gram)
                 state.measured_steps += 1
                 state.conflict_steps += conflicted
                 conflict["grad_conflict/fraction"] = state.conflict_steps / state.measured_steps

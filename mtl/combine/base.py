@@ -70,9 +70,9 @@ class Combiner(nn.Module):
     def after_evaluation(self, metrics: dict[str, float]) -> None:
         """Sees the dev metrics after each evaluation (identical on every worker)."""
 
-    def task_gradients(self) -> dict[str, torch.Tensor] | None:
-        """Per-task gradients of the shared parameters from the last step, if the method
-        computed them anyway (then gradient-conflict monitoring costs nothing extra)."""
+    def task_gram(self) -> tuple[list[str], torch.Tensor] | None:
+        """(tasks, Gram matrix of their gradients of the shared parameters) from the last step,
+        if the method computed it anyway (then conflict monitoring costs nothing extra)."""
         return None
 
     def task_weights(self) -> dict[str, float]:

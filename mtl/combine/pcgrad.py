@@ -5,15 +5,21 @@ conflicts with g_j (negative dot product), g_i loses its component along g_j.  T
 gradients are summed (or averaged) into the shared parameters' gradient.  Task heads keep
 their own task's plain gradient.
 
-``pcgrad_on=params`` (exact): every task's loss is back-propagated alone, the shared
-gradients of each task are accumulated over micro-batches in a flat buffer, averaged over
-workers, unscaled, and projected once per optimizer step, identically on every rank.
+Every projected gradient is a linear combination of the original task gradients, so the
+surgery runs on the T x T Gram matrix of the task gradients (exact, in float64): the
+parameter-sized vectors are read once to form the Gram matrix and once to write the
+weighted sum, which keeps PCGrad's step close to plain loss addition's.
+
+``pcgrad_on=params`` (exact): every task's loss is back-propagated alone; each task's
+gradient of the shared parameters is kept (accumulated over micro-batches), averaged over
+workers, and the surgery runs once per optimizer step, identically on every rank.  Under
+fp16 the Gram matrix is unscaled before the surgery; an overflow is handed to the scaler.
 
 ``pcgrad_on=representation`` (approximation, cheaper): the projection directions are the
 tasks' mean gradients with respect to their pooled sentence vectors (one H-vector per task,
 averaged over workers); each example's representation gradient is projected with the same
-sequence of projections, and the encoder is back-propagated once for all tasks.  It needs
-no per-task parameter buffers, but decides conflicts per micro-batch and in representation
+sequence of projections, and the encoder is back-propagated once for all tasks.  It keeps
+no per-task parameter gradients, but decides conflicts per micro-batch and in representation
 space, so it is not PCGrad on the encoder's parameters.
 """
 from __future__ import annotations
@@ -21,27 +27,35 @@ from __future__ import annotations
 import torch
 
 from mtl.combine.base import Combiner, register
+from mtl.conflict import average_over_workers, gram_matrix
 from mtl.config import CombinerConfig
 
 
-def surgery(grads: list[torch.Tensor], generator: torch.Generator) -> tuple[list[torch.Tensor], list[list[int]]]:
-    """Project each gradient off the others it conflicts with.  Returns the projected
-    gradients and, per task, the tasks it was projected against, in the order applied."""
-    projected, plans = [], []
-    for i, g in enumerate(grads):
-        g = g.clone()
+def surgery_coefficients(gram: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, list[list[int]]]:
+    """PCGrad on a Gram matrix G_ij = g_i . g_j.  Returns C with projected g_i = sum_k C_ik g_k,
+    and per task the tasks it was projected against, in the order applied."""
+    gram = gram.double()
+    t = gram.shape[0]
+    coef = torch.eye(t, dtype=torch.float64)
+    plans = []
+    for i in range(t):
         plan = []
-        for j in torch.randperm(len(grads), generator=generator).tolist():
-            if j == i:
+        for j in torch.randperm(t, generator=generator).tolist():
+            if j == i or gram[j, j] <= 0:
                 continue
-            norm_sq = grads[j].double().pow(2).sum()
-            dot = torch.dot(g.double(), grads[j].double())
-            if dot < 0 and norm_sq > 0:
-                g -= (dot / norm_sq).to(g.dtype) * grads[j]
+            dot = coef[i] @ gram[:, j]            # (projected g_i) . g_j
+            if dot < 0:
+                coef[i, j] -= dot / gram[j, j]
                 plan.append(j)
-        projected.append(g)
         plans.append(plan)
-    return projected, plans
+    return coef, plans
+
+
+def surgery(grads: list[torch.Tensor], generator: torch.Generator) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """PCGrad on explicit vectors (for small ones, and as the reference the tests check)."""
+    stacked = torch.stack([g.double() for g in grads])
+    coef, plans = surgery_coefficients(stacked @ stacked.T, generator)
+    return [(c @ stacked).to(grads[0].dtype) for c in coef], plans
 
 
 @register("pcgrad")
@@ -56,8 +70,8 @@ class PCGrad(Combiner):
         self.on_params = cfg.pcgrad_on == "params"
         self.syncs_gradients_itself = self.on_params
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))   # checkpointed: the shuffle's seed
-        self._task_grads: dict[str, torch.Tensor] = {}
-        self._last: dict[str, torch.Tensor] | None = None
+        self._task_grads: dict[str, list[torch.Tensor | None]] = {}
+        self._gram: tuple[list[str], torch.Tensor] | None = None
 
     def bind(self, model, dist, seed: int = 0) -> None:
         super().bind(model, dist, seed)
@@ -84,21 +98,19 @@ class PCGrad(Combiner):
             return self._representation_backward(losses, backward)
         for task, loss in losses.items():
             backward(loss)
-            self._harvest(task)
+            self._take_shared_grads(task)
         return sum(l.detach() for l in losses.values())
 
-    def _harvest(self, task: str) -> None:
-        """Move the shared parameters' gradient into the task's flat buffer."""
-        buf = self._task_grads.get(task)
-        if buf is None:
-            n = sum(p.numel() for p in self.shared)
-            buf = self._task_grads[task] = torch.zeros(n, device=self.shared[0].device, dtype=torch.float32)
-        offset = 0
-        for p in self.shared:
-            if p.grad is not None:    # a parameter the task does not reach counts as zero
-                buf[offset:offset + p.numel()].add_(p.grad.reshape(-1))
+    def _take_shared_grads(self, task: str) -> None:
+        """Move the shared parameters' gradients (just this task's) aside; None = not reached = 0."""
+        kept = self._task_grads.setdefault(task, [None] * len(self.shared))
+        for k, p in enumerate(self.shared):
+            if p.grad is not None:
+                if kept[k] is None:
+                    kept[k] = p.grad
+                else:
+                    kept[k].add_(p.grad)
                 p.grad = None
-            offset += p.numel()
 
     def before_optimizer_step(self, loss_scale: float = 1.0) -> None:
         super().before_optimizer_step(loss_scale)
@@ -108,33 +120,34 @@ class PCGrad(Combiner):
         tasks = [t for t in self.task_names if t in self._task_grads]
         if self.dist.distributed:
             for t in tasks:
-                self.dist.all_reduce_mean(self._task_grads[t])
+                self._task_grads[t] = average_over_workers(self._task_grads[t], self.shared, self.dist)
             for p in self.task_params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 self.dist.all_reduce_mean(p.grad)
-        grads = [self._task_grads[t] / loss_scale for t in tasks]
-        if all(bool(torch.isfinite(g).all()) for g in grads):
-            projected, _ = surgery(grads, self._generator())
-            total = torch.stack(projected).sum(0)
+        gram = gram_matrix(self._task_grads, tasks) / (loss_scale * loss_scale)    # unscaled
+        if bool(torch.isfinite(gram).all()):
+            coef, _ = surgery_coefficients(gram, self._generator())
+            weights = coef.sum(0)
             if self.cfg.pcgrad_reduction == "mean":
-                total /= len(projected)
-            self._last = dict(zip(tasks, grads))
+                weights /= len(tasks)
+            self._gram = (tasks, gram)
         else:
-            # An fp16 overflow: hand the non-finite sum on, and the scaler skips the step.
-            total, self._last = torch.stack(grads).sum(0), None
-        total *= loss_scale    # the trainer unscales .grad next, like every other gradient
-        offset = 0
-        for p in self.shared:
-            p.grad = total[offset:offset + p.numel()].view_as(p).to(p.dtype).clone()
-            offset += p.numel()
-        for buf in self._task_grads.values():
-            buf.zero_()
+            # An fp16 overflow: the plain sum carries the inf/NaN on, and the scaler skips the step.
+            weights, self._gram = torch.ones(len(tasks), dtype=torch.float64), None
+        for k, p in enumerate(self.shared):
+            total = None
+            for w, t in zip(weights.tolist(), tasks):
+                g = self._task_grads[t][k]
+                if g is not None:
+                    total = g.mul_(w) if total is None else total.add_(g, alpha=w)
+            p.grad = total        # still carries the loss scale, like every other gradient
+        self._task_grads = {}
         self.steps += 1
 
-    def task_gradients(self):
-        last, self._last = self._last, None
-        return last
+    def task_gram(self):
+        gram, self._gram = self._gram, None
+        return gram
 
     # --- representation mode -----------------------------------------------------------------
     def _representation_backward(self, losses, backward):

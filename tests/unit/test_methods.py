@@ -85,8 +85,8 @@ def test_pcgrad_on_parameters_with_an_unreached_parameter(reduction, expected):
     # g1=[1,0,1], g2=[-1,1,0]: g1'=[.5,.5,1], g2'=[-.5,1,.5] (b counts as 0 for task 2)
     assert torch.cat([model.a.grad, model.b.grad]).tolist() == pytest.approx(expected)
     assert model.heads["sst"].grad.item() == 1.0 and model.heads["para"].grad.item() == 1.0   # plain
-    grads = c.task_gradients()
-    assert grads["sst"].tolist() == [1, 0, 1] and grads["para"].tolist() == [-1, 1, 0]
+    tasks, gram = c.task_gram()
+    assert tasks == ["sst", "para"] and gram.tolist() == [[2, -1], [-1, 2]]   # [1,0,1] and [-1,1,0]
 
 
 def test_pcgrad_works_on_unscaled_gradients_and_hands_overflow_to_the_scaler():
@@ -96,12 +96,27 @@ def test_pcgrad_works_on_unscaled_gradients_and_hands_overflow_to_the_scaler():
     c.backward(model.losses(), lambda loss: (1024.0 * loss).backward())
     c.before_optimizer_step(loss_scale=1024.0)
     assert torch.cat([model.a.grad, model.b.grad]).tolist() == pytest.approx([0.0, 1536.0, 1536.0])
-    assert c.task_gradients()["sst"].tolist() == [1, 0, 1]       # recorded unscaled
+    assert c.task_gram()[1].tolist() == [[2, -1], [-1, 2]]       # recorded unscaled
     model.zero_grad(set_to_none=True)
     c.backward(model.losses(), lambda loss: (1e38 * loss * 1e10).backward())   # overflows to inf
     c.before_optimizer_step(loss_scale=1e48)
     assert not torch.isfinite(model.a.grad).all()
-    assert c.task_gradients() is None
+    assert c.task_gram() is None
+
+
+def test_surgery_on_the_gram_matrix_equals_surgery_on_the_vectors():
+    from mtl.combine.pcgrad import surgery_coefficients
+
+    torch.manual_seed(1)
+    grads = [torch.randn(50, dtype=torch.float64) for _ in range(3)]
+    grads[1] = -grads[0] + 0.3 * torch.randn(50, dtype=torch.float64)      # make conflicts likely
+    coef, plans = surgery_coefficients(torch.stack(grads) @ torch.stack(grads).T, gen(5))
+    assert any(plans)
+    for i, plan in enumerate(plans):
+        g = grads[i].clone()
+        for j in plan:
+            g -= (g @ grads[j]) / (grads[j] @ grads[j]) * grads[j]
+        assert torch.allclose(coef[i] @ torch.stack(grads), g, atol=1e-10)
 
 
 def test_pcgrad_accumulates_micro_batches_before_one_surgery():
