@@ -7,7 +7,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -9,7 +9,6 @@ gradient accumulation), dev evaluation, best-weights and full-state checkpoints.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging

@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-import torch
 import torch.multiprocessing as mp
 
 from mtl import checkpoint

@@ -7,7 +7,6 @@ import time
 
 import fsspec
 import pytest
-import torch
 
 from mtl import checkpoint, storage
 from mtl.train import train
