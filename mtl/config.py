@@ -183,8 +183,17 @@ class ParallelConfig:
     strategy: str = _help("'ddp' (plain PyTorch; DDP across workers) or 'deepspeed'", default="ddp")
     zero_stage: int = _help("deepspeed: ZeRO stage 0, 1 or 2", default=0)
     offload_optimizer: bool = _help("deepspeed: keep optimizer state in CPU memory (ZeRO-Offload)", default=False)
+    workers: int = _help("cluster runs: data-parallel workers per trial", default=1)
+    cpus_per_worker: float = _help("cluster runs: CPUs each worker reserves", default=1.0)
+    gpus_per_worker: float = _help("cluster runs: GPUs each worker reserves (0: CPU training)", default=0.0)
+    max_failures: int = _help("cluster runs: restarts of a trial's workers after a failure (resuming from "
+                              "the latest checkpoint)", default=2)
 
     def __post_init__(self):
+        _require(self.workers >= 1, "parallel.workers", "must be >= 1")
+        _require(self.cpus_per_worker > 0, "parallel.cpus_per_worker", "must be > 0")
+        _require(self.gpus_per_worker >= 0, "parallel.gpus_per_worker", "must be >= 0")
+        _require(self.max_failures >= 0, "parallel.max_failures", "must be >= 0")
         _require(self.strategy in ("ddp", "deepspeed"), "parallel.strategy", f"{self.strategy!r} is not ddp|deepspeed")
         _require(self.zero_stage in (0, 1, 2), "parallel.zero_stage",
                  f"{self.zero_stage} is not 0, 1 or 2 (stage 3 would partition the weights that evaluation and "

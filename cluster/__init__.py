@@ -1,0 +1,1 @@
+"""Adapters from the trial library (mtl) to cluster runtimes: Ray Train/Tune and submitit."""

@@ -1,0 +1,76 @@
+"""Grid expansion and the sweep's results table (no Ray needed)."""
+import json
+
+import pytest
+
+from cluster.ray_sweep import concurrent_slots, is_finished, results_table, write_table
+from launch.grids import expand
+from launch.ray_submit import main as submit
+from mtl.config import RunConfig
+from mtl.errors import ConfigError
+
+
+def test_pairings_grid_is_the_reference_study():
+    trials = expand("pairings", RunConfig(), "/store", seeds=[0, 1])
+    assert len(trials) == 2 * (3 + 3 * (1 + 9 + 1))
+    names = [t.out.rsplit("/", 1)[-1] for t in trials]
+    assert len(set(names)) == len(names)
+    assert names[:5] == ["sst-sum-s0", "para-sum-s0", "sts-sum-s0", "sst+para-sum-s0", "sst+para-scalarize-a0.1-s0"]
+    scalarized = [t for t in trials if t.combiner.combiner == "scalarize" and t.seed == 0]
+    assert sorted({t.combiner.alpha for t in scalarized}) == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    assert all(t.out.startswith("/store/") for t in trials)
+    assert expand("pairings", RunConfig(), "/store", seeds=[0, 1]) == trials     # deterministic
+
+
+def test_yaml_grid_crosses_axes_and_does_not_repeat_alpha_for_other_methods(tmp_path):
+    grid = tmp_path / "g.yaml"
+    grid.write_text("axes:\n  tasks: ['sst,para']\n  combiner: [sum, scalarize]\n  alpha: [0.2, 0.8]\n"
+                    "  optim.lr: [1.0e-5, 2.0e-5]\nfixed:\n  optim.epochs: 3\n")
+    trials = expand(str(grid), RunConfig(), "runs/x", seeds=[0])
+    assert len(trials) == 2 * (1 + 2)               # per lr: one sum, two scalarize
+    assert all(t.optim.epochs == 3 for t in trials)
+    names = sorted(t.out.rsplit("/", 1)[-1] for t in trials)
+    assert "sst+para-scalarize-a0.2-lr1e-05-s0" in names and "sst+para-sum-lr2e-05-s0" in names
+
+
+def test_bad_grids_are_clear(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("axes:\n  tasks: [sst, nli]\n")
+    with pytest.raises(ConfigError, match="data.tasks: unknown task 'nli'"):
+        expand(str(bad), RunConfig(), "runs/x", seeds=[0])
+    bad.write_text("axis:\n  tasks: [sst]\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'axis'"):
+        expand(str(bad), RunConfig(), "runs/x", seeds=[0])
+
+
+def test_dry_run_lists_trials_and_bad_flags_exit_2(capsys):
+    assert submit(["--grid", "weighting", "--seeds", "0,1", "--dry-run", "--storage", "/s"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "10 trials" and out[0].startswith("/s/sst+para+sts-sum-s0")
+    assert submit(["--grid", "pairings", "--dry-run", "--alpha", "2"]) == 2
+    assert "combiner.alpha: 2.0 is outside [0, 1]" in capsys.readouterr().err
+
+
+def test_results_table_has_one_row_per_trial_from_its_own_results(tmp_path):
+    trials = expand("smoke", RunConfig(), str(tmp_path), seeds=[0])
+    for t in trials[:3]:
+        (tmp_path / t.out.rsplit("/", 1)[-1]).mkdir()
+        (tmp_path / t.out.rsplit("/", 1)[-1] / "results.json").write_text(json.dumps({
+            "best": {"epoch": 1, "metrics": {"mean": 0.5}}, "steps": 4, "wall_time_s": 2.0,
+            "train_time_s": 1.0, "examples_per_s": 3.0, "world_size": 1}))
+    assert [is_finished(t) for t in trials] == [True, True, True, False]
+    rows = results_table(trials)
+    assert [r["status"] for r in rows] == ["done", "done", "done", "missing"]
+    assert rows[0]["data.tasks"] == "sst" and rows[3]["parallel.workers"] == 2 and rows[0]["dev/mean"] == 0.5
+    write_table(str(tmp_path), rows)
+    assert (tmp_path / "results.csv").read_text().splitlines()[0].startswith("trial,status,")
+    assert json.loads((tmp_path / "results.json").read_text()) == rows
+
+
+def test_concurrency_never_lets_drivers_starve_their_workers():
+    trials = expand("smoke", RunConfig(), "runs/x", seeds=[0])      # largest trial: 2 workers x 1 CPU
+    assert concurrent_slots(trials, {"CPU": 2.0, "mtl_driver": 10000}) == 1
+    assert concurrent_slots(trials, {"CPU": 8.0, "mtl_driver": 10000}) == 4
+    assert concurrent_slots(trials, {"CPU": 4.0}) == 1                # drivers take 0.01 CPU each there
+    with pytest.raises(RuntimeError, match="no trial fits the cluster"):
+        concurrent_slots(trials, {"CPU": 1.0, "mtl_driver": 1})
