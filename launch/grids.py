@@ -16,6 +16,7 @@ fixed override, by dotted path or bare field name)::
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 from pathlib import Path
 
@@ -77,8 +78,26 @@ def yaml_axes(path: str) -> tuple[list[dict], dict]:
     return [dict(zip(names, combo)) for combo in itertools.product(*(axes[n] for n in names))], spec.get("fixed") or {}
 
 
+def absolute(path: str) -> str:
+    """Local relative paths made absolute: trials run in other processes, on other nodes, in
+    other working directories.  URLs and the embedded defaults are left as they are."""
+    if not path or ":" in path.split("/", 1)[0] or not storage.is_local(path):
+        return path
+    return os.path.abspath(path)
+
+
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    model = cfg.model.model
+    if os.path.exists(model):      # a hub name stays a hub name
+        model = os.path.abspath(model)
+    return cfg.replace(**{"out": absolute(cfg.out), "data.data_dir": absolute(cfg.data.data_dir),
+                          "data.cache_dir": absolute(cfg.data.cache_dir), "model.model": model})
+
+
 def expand(grid: str, base: RunConfig, storage_root: str, seeds: list[int]) -> list[RunConfig]:
     """RunConfigs for a grid, each with out=<storage_root>/<trial name>, in a stable order."""
+    base = with_absolute_paths(base)
+    storage_root = absolute(storage_root)
     if grid in NAMED:
         combos, fixed = NAMED[grid](), {}
         combos = [{**c, "seed": s} for s in seeds for c in combos]

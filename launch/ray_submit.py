@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.grids import NAMED, expand  # noqa: E402
+from launch.grids import NAMED, absolute, expand  # noqa: E402
 from mtl.cli import add_config_flags, config_from_args  # noqa: E402
 from mtl.errors import MtlError  # noqa: E402
 
@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        args.storage = absolute(args.storage)
         base = config_from_args(args)
         trials = expand(args.grid, base, args.storage, seeds)
         from mtl.train import check_run

@@ -60,8 +60,7 @@ def read_data(cfg: RunConfig, tasks: list[TaskSpec]):
     return train, dev
 
 
-def tokenize_all(cfg: RunConfig, tasks: list[TaskSpec], raw: dict, dist: DistContext) -> dict:
-    tokenizer = load_tokenizer(cfg.model)
+def tokenize_all(cfg: RunConfig, tasks: list[TaskSpec], raw: dict, dist: DistContext, tokenizer) -> dict:
     cache = cfg.data.cache_dir or storage.join(cfg.out, "token_cache")
     siamese = cfg.model.pair_encoding == "siamese"
     encode = lambda t: encode_split(raw[t.name], t, tokenizer, cfg.model.max_length, siamese, cache)  # noqa: E731
@@ -192,8 +191,9 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
         log.warning("resuming %s with changed settings: %s", cfg.out, ", ".join(changed))
 
     # 2. Data, model, optimizer.
-    train_sets = tokenize_all(cfg, tasks, raw_train, dist)
-    dev_sets = tokenize_all(cfg, tasks, raw_dev, dist)
+    tokenizer = load_tokenizer(cfg.model)
+    train_sets = tokenize_all(cfg, tasks, raw_train, dist, tokenizer)
+    dev_sets = tokenize_all(cfg, tasks, raw_dev, dist, tokenizer)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, tasks).to(dist.device)
     combiner.to(dist.device)
@@ -324,6 +324,8 @@ def _differs(a: dict, b: dict) -> list[str]:
 
 
 def _evaluate_and_keep_best(cfg, model, dev_sets, strategy, dist, state: TrainState, sink) -> dict:
+    # Every rank scores the whole (small) dev set: identical metrics everywhere without a gather,
+    # which the KPI-driven combiners (DTP on dev) and best-weights choice rely on.
     metrics = evaluate(model, dev_sets, cfg.optim.batch_size * 4, strategy, dist.device)
     score = metrics[cfg.select_metric]
     record = {"epoch": state.epoch, "step": state.step, "metrics": metrics, "score": score}

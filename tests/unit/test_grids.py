@@ -15,6 +15,7 @@ def test_pairings_grid_is_the_reference_study():
     assert len(trials) == 2 * (3 + 3 * (1 + 9 + 1))
     names = [t.out.rsplit("/", 1)[-1] for t in trials]
     assert len(set(names)) == len(names)
+    assert trials[0].out == "/store/sst-sum-s0"
     assert names[:5] == ["sst-sum-s0", "para-sum-s0", "sts-sum-s0", "sst+para-sum-s0", "sst+para-scalarize-a0.1-s0"]
     scalarized = [t for t in trials if t.combiner.combiner == "scalarize" and t.seed == 0]
     assert sorted({t.combiner.alpha for t in scalarized}) == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
@@ -31,6 +32,16 @@ def test_yaml_grid_crosses_axes_and_does_not_repeat_alpha_for_other_methods(tmp_
     assert all(t.optim.epochs == 3 for t in trials)
     names = sorted(t.out.rsplit("/", 1)[-1] for t in trials)
     assert "sst+para-scalarize-a0.2-lr1e-05-s0" in names and "sst+para-sum-lr2e-05-s0" in names
+
+
+def test_local_paths_become_absolute_and_urls_stay(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = RunConfig().replace(**{"data.data_dir": "data", "data.cache_dir": "s3://b/cache"})
+    (t,) = expand("weighting", base, "runs/w", seeds=[0])[:1]
+    assert t.out == str(tmp_path / "runs" / "w" / "sst+para+sts-sum-s0")
+    assert t.data.data_dir == str(tmp_path / "data") and t.data.cache_dir == "s3://b/cache"
+    assert t.model.model == "embedded:all-MiniLM-L6-v2"
+    assert expand("weighting", base, "memory://w", seeds=[0])[0].out == "memory://w/sst+para+sts-sum-s0"
 
 
 def test_bad_grids_are_clear(tmp_path):
