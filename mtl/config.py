@@ -86,8 +86,9 @@ class DataConfig:
                             default="error")
     cache_dir: str = _help("tokenization cache folder or URL (default: <out>/token_cache); a sweep shares one",
                            default="")
-    max_train_rows: int = _help("read at most this many training rows per task (0: all)", default=0)
-    max_dev_rows: int = _help("read at most this many dev rows per task (0: all)", default=0)
+    max_train_rows: int = _help("use a fixed random subset of this many training rows per task (0: all)",
+                                default=0)
+    max_dev_rows: int = _help("use a fixed random subset of this many dev rows per task (0: all)", default=0)
 
     def __post_init__(self):
         self.tasks = parse_tasks(self.tasks)

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import logging
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from mtl.tasks import TaskSpec
 log = logging.getLogger(__name__)
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
+SUBSET_SEED = 224   # which rows max_train_rows / max_dev_rows keep: fixed, so all trials agree
 
 
 def resolve_data_dir(data_dir: str) -> str:
@@ -74,8 +76,11 @@ def read_split(data_dir: str, task: TaskSpec, split: str, on_bad_row: str = "err
         else:
             raise DataError(f"{url}:{line}: {reason} (pass --on-bad-row skip to skip such rows)")
         line = reader.line_num + 1
-        if max_rows and len(labels) >= max_rows:
-            break
+    if max_rows and len(labels) > max_rows:
+        # Task files are often ordered (by source or label): the first N rows can be far from the
+        # data's distribution.  A fixed-seed subset in file order is the same for every trial.
+        keep = sorted(random.Random(SUBSET_SEED).sample(range(len(labels)), max_rows))
+        texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
     if skipped:
         log.warning("%s: skipped %d malformed row(s)", url, skipped)
     if not labels:
@@ -147,7 +152,8 @@ def encode_split(raw: RawSplit, task: TaskSpec, tokenizer, max_length: int, siam
     """Tokenize a split, or load it from the cache when the same encoder, length and file were seen."""
     key = hashlib.sha256(json.dumps({
         "tokenizer": tokenizer_fingerprint(tokenizer), "max_length": max_length, "siamese": siamese,
-        "file": raw.digest, "rows": len(raw), "skipped": raw.skipped, "columns": task.text_columns,
+        "file": raw.digest, "rows": len(raw), "subset": SUBSET_SEED, "skipped": raw.skipped,
+        "columns": task.text_columns,
     }).encode()).hexdigest()[:24]
     cache_url = storage.join(cache_dir, f"{task.name}-{key}.pt") if cache_dir else None
     if cache_url and storage.exists(cache_url):

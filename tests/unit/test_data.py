@@ -24,6 +24,17 @@ def test_reads_the_shipped_sample():
         assert all(len(t) == len(task.text_columns) and all(t) for t in split.texts)
 
 
+def test_row_limits_take_a_fixed_random_subset_not_the_head(tmp_path):
+    rows = [f"{i}\tx{i}\tsentence {i}\t{0 if i < 50 else 4}" for i in range(100)]   # ordered by label
+    write(tmp_path, "sst", "train", rows)
+    split = read_split(str(tmp_path), TASKS["sst"], "train", max_rows=20)
+    assert len(split) == 20 and set(split.labels) == {0.0, 4.0}
+    ids = [int(t[0].split()[-1]) for t in split.texts]
+    assert ids == sorted(ids)                                              # file order kept
+    again = read_split(str(tmp_path), TASKS["sst"], "train", max_rows=20)
+    assert again.texts == split.texts                                      # the same for every trial
+
+
 def test_quoted_fields_with_doubled_quotes(tmp_path):
     write(tmp_path, "para", "train", ['0\ta\t"He said ""hi""\tthere"\tother\t1.0'])
     split = read_split(str(tmp_path), TASKS["para"], "train")
