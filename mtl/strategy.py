@@ -171,11 +171,11 @@ class DeepSpeedStrategy(TorchStrategy):
         local = tempfile.mkdtemp(prefix="mtl-ds-")
         try:
             self.engine.save_checkpoint(local, tag="ds", save_latest=False)
-            tdist.barrier()
-            fs, path = storage.filesystem(url)
+            # Each rank's folder holds only what that rank wrote: its optimizer partition (and,
+            # on rank 0, the weights).
             for name in os.listdir(os.path.join(local, "ds")):
-                if self.dist.is_main or f"_rank_{self.dist.rank}_" in name or name.startswith(f"zero_pp_rank_{self.dist.rank}_"):
-                    storage.write_bytes(storage.join(url, name), open(os.path.join(local, "ds", name), "rb").read())
+                with open(os.path.join(local, "ds", name), "rb") as fh:
+                    storage.write_bytes(storage.join(url, name), fh.read())
         finally:
             shutil.rmtree(local, ignore_errors=True)
 
