@@ -2,13 +2,14 @@
 builds and fits that trial's TorchTrainer (Ray Train V2's pattern).
 
 - Concurrency: as many trials at once as the cluster's CPUs (and GPUs) hold their workers.
-  A driver must never hold CPUs its workers need: on a local Ray it reserves only a custom
-  ``mtl_driver`` resource (no CPU), on an existing cluster a sliver of one CPU.
+  A driver never holds CPUs its workers need: it reserves no CPU, only (on a local Ray) its
+  workers' demand out of custom budget resources, which admits each trial when it fits.
 - Idempotent: a trial whose ``results.json`` exists is done and not run again; an unfinished
   one resumes from its checkpoint (mtl.train does that by itself).
 - At the end, ``results.csv`` and ``results.json`` at the storage root hold one row per trial
   (its varied settings and best dev metrics), read from the trials' own results files, so a
-  trial is counted exactly once however often the sweep ran.
+  trial is counted exactly once however often the sweep ran.  ``_ray/timings/<trial>.json``
+  records when the trial's driver started and ended (launch/bench_sweep.py reads it).
 """
 from __future__ import annotations
 
@@ -22,10 +23,13 @@ from mtl import storage
 from mtl.config import RunConfig
 from mtl.monitor import flatten
 
-from cluster.ray_trial import ray_storage_for
+from cluster.ray_trial import ray_storage, trial_name
 
 log = logging.getLogger("cluster.ray_sweep")
-DRIVER_RESOURCE = "mtl_driver"
+# Admission budgets: a local Ray is started with these custom resources equal to its CPUs and
+# GPUs, and each trial's driver reserves as much of them as its workers will need, so Tune
+# starts exactly the trials whose workers fit - per trial, whatever the grid mixes.
+CPU_BUDGET, GPU_BUDGET = "mtl_cpus", "mtl_gpus"
 RESULTS = "results.json"
 
 
@@ -33,37 +37,76 @@ def is_finished(cfg: RunConfig) -> bool:
     return storage.exists(storage.join(cfg.out, RESULTS))
 
 
-def driver_resources(cluster: dict) -> dict:
-    return {"CPU": 0, DRIVER_RESOURCE: 1} if cluster.get(DRIVER_RESOURCE) else {"CPU": 0.01}
+def demand(cfg: RunConfig) -> tuple[float, float]:
+    """(CPUs, GPUs) a trial's workers hold while it runs."""
+    p = cfg.parallel
+    return p.workers * p.cpus_per_worker, p.workers * p.gpus_per_worker
+
+
+def driver_resources(cfg: RunConfig, cluster: dict) -> dict:
+    """What a trial's driver reserves.  Never a CPU its workers need: 0 CPU, plus (where the
+    cluster has the budgets) its workers' demand out of the budgets."""
+    if not cluster.get(CPU_BUDGET):
+        return {"CPU": 0}
+    cpus, gpus = demand(cfg)
+    return {"CPU": 0, CPU_BUDGET: cpus, **({GPU_BUDGET: gpus} if gpus else {})}
 
 
 def concurrent_slots(trials: list[RunConfig], cluster: dict) -> int:
-    """How many of these trials the cluster can run at once (by their largest demand)."""
-    cpus = max(t.parallel.workers * t.parallel.cpus_per_worker for t in trials) + driver_resources(cluster)["CPU"]
-    gpus = max(t.parallel.workers * t.parallel.gpus_per_worker for t in trials)
-    by_cpu = cluster.get("CPU", 0) // cpus
-    by_gpu = cluster.get("GPU", 0) // gpus if gpus else math.inf
-    slots = int(min(by_cpu, by_gpu, len(trials)))
-    if slots < 1:
-        raise RuntimeError(f"no trial fits the cluster: a trial needs {cpus:g} CPUs and {gpus:g} GPUs, "
+    """An upper bound on trials at once.  With budgets: as many as the cluster holds of its
+    smallest trials (the budgets admit each one).  Without (a cluster we did not start): as
+    many of the largest as fit, so a started trial never waits for workers."""
+    fits = []
+    for t in trials:
+        cpus, gpus = demand(t)
+        by_gpu = cluster.get("GPU", 0) // gpus if gpus else math.inf
+        fits.append(min(cluster.get("CPU", 0) // cpus, by_gpu))
+    if min(fits) < 1:
+        worst = trials[fits.index(min(fits))]
+        cpus, gpus = demand(worst)
+        raise RuntimeError(f"trial {worst.out} does not fit the cluster: it needs {cpus:g} CPUs and {gpus:g} GPUs, "
                            f"the cluster has {cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs")
-    return slots
+    slots = max(fits) if cluster.get(CPU_BUDGET) else min(fits)
+    return int(min(slots, len(trials)))
 
 
-def _driver(config: dict) -> None:
+def start_local_ray(verbose: int) -> None:
+    import ray
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpus = 0
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    except Exception:   # noqa: BLE001 - no usable CUDA: a CPU cluster
+        pass
+    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=verbose > 1,
+             resources={CPU_BUDGET: cpus, **({GPU_BUDGET: gpus} if gpus else {})})
+
+
+def _driver(config: dict, trials: dict, storage_root: str) -> None:
     """One Tune trial: fit the trial's TorchTrainer, forwarding its reports to Tune."""
+    from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from cluster.ray_trial import build_trainer
 
-    cfg = RunConfig.from_dict(config["trial"])
-    build_trainer(cfg, config["storage_root"], callbacks=[TuneReportCallback()]).fit()
+    launched = time.time()
+    name = config["trial"]
+    cfg = RunConfig.from_dict(trials[name])
+    build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
+    storage.write_text(storage.join(storage_root, "_ray", "timings", f"{name}.json"),
+                       json.dumps({"driver_launched_at": launched, "driver_finished_at": time.time()}))
+    results = json.loads(storage.read_text(storage.join(cfg.out, RESULTS)))
+    tune.report({"best_score": results["best"].get("score"), "steps": results["steps"]})
 
 
 def run_sweep(trials: list[RunConfig], storage_root: str, address: str | None = None,
               verbose: int = 1) -> list[dict]:
     import ray
     from ray import tune
+    from ray.tune import PlacementGroupFactory
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")   # reports block on this poll
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -73,15 +116,22 @@ def run_sweep(trials: list[RunConfig], storage_root: str, address: str | None = 
     log.info("%d trials, %d already finished, %d to run", len(trials), len(trials) - len(todo), len(todo))
     if todo:
         if not ray.is_initialized():
-            extra = {} if address else {"resources": {DRIVER_RESOURCE: 10_000}}
-            ray.init(address=address, include_dashboard=False, log_to_driver=verbose > 1, **extra)
-        slots = concurrent_slots(todo, ray.cluster_resources())
-        ray_path, ray_fs = ray_storage_for(storage_root)
-        param_space = {"trial": tune.grid_search([t.to_dict() for t in todo]), "storage_root": storage_root}
+            if address:
+                ray.init(address=address, include_dashboard=False, log_to_driver=verbose > 1)
+            else:
+                start_local_ray(verbose)
+        cluster = ray.cluster_resources()
+        by_name = {trial_name(t): t for t in todo}
+        ray_path, ray_fs = ray_storage(storage.join(storage_root, "_ray"))
         tuner = tune.Tuner(
-            tune.with_resources(_driver, driver_resources(ray.cluster_resources())),
-            param_space=param_space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=slots),
+            tune.with_resources(
+                tune.with_parameters(_driver, trials={n: t.to_dict() for n, t in by_name.items()},
+                                     storage_root=storage_root),
+                lambda spec: PlacementGroupFactory([driver_resources(by_name[spec["trial"]], cluster)])),
+            param_space={"trial": tune.grid_search(list(by_name))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent_slots(todo, cluster),
+                                        trial_name_creator=lambda trial: trial.config["trial"],
+                                        trial_dirname_creator=lambda trial: trial.config["trial"]),
             run_config=tune.RunConfig(name="sweep", storage_path=ray_path, storage_filesystem=ray_fs,
                                       verbose=verbose),
         )
@@ -98,7 +148,7 @@ def results_table(trials: list[RunConfig]) -> list[dict]:
     varied = sorted(k for k in configs[0] if k != "out" and len({json.dumps(c[k]) for c in configs}) > 1)
     rows = []
     for cfg, flat in zip(trials, configs):
-        row = {"trial": cfg.out.rstrip("/").rsplit("/", 1)[-1], "status": "missing"}
+        row = {"trial": trial_name(cfg), "status": "missing"}
         row.update({k: _cell(flat[k]) for k in varied})
         url = storage.join(cfg.out, RESULTS)
         if storage.exists(url):

@@ -2,11 +2,17 @@
 size and device from Ray (which has already started the process group: gloo on CPU, nccl
 on GPU).
 
-Checkpoints: the trial library's checkpoints on the run's storage are the only ones.  Ray
-gets metrics, never a checkpoint copy; when a worker dies, Ray restarts the worker group
-(up to ``parallel.max_failures`` times) and ``train`` resumes from ``latest.json``."""
+Checkpoints: Ray Train's run folder *is* the trial's run folder (storage_path = its parent,
+name = the trial's name), and each checkpoint mtl.train publishes there is reported to Ray as
+it stands (``CheckpointUploadMode.NO_UPLOAD``): one set of files that is both the trial
+library's checkpoint and Ray's ``Result.checkpoint``.  When a worker dies, Ray restarts the
+worker group (up to ``parallel.max_failures`` times) and ``train`` resumes from the newest
+published checkpoint, which is the one Ray last registered or one step newer."""
 from __future__ import annotations
 
+import os
+
+from mtl import storage
 from mtl.config import RunConfig
 from mtl.dist import DistContext
 
@@ -22,41 +28,52 @@ def ray_dist_context() -> DistContext:
 
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
+    from ray.train import Checkpoint, CheckpointUploadMode
 
     from mtl.train import train
 
     cfg = RunConfig.from_dict(config)
+    ray_fs = ray.train.get_context().get_storage().storage_filesystem
 
-    def report(record: dict) -> None:
+    def report(published: dict) -> None:
         # Every rank reports (Ray's report is a barrier); rank 0's metrics are the trial's.
-        ray.train.report({"epoch": record["epoch"], "step": record["step"], "score": record["score"],
-                          "best_score": record["best_score"], **record["metrics"]})
+        metrics = {"epoch": published["epoch"], "step": published["step"]}
+        evaluation = published["evaluation"]
+        if evaluation:
+            metrics.update(score=evaluation["score"], best_score=evaluation["best_score"], **evaluation["metrics"])
+        folder = published["checkpoint"]
+        ray.train.report(metrics, checkpoint=Checkpoint(path=fs_path(folder), filesystem=ray_fs),
+                         checkpoint_dir_name=folder.rstrip("/").rsplit("/", 1)[-1],
+                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
-    train(cfg, ray_dist_context(), on_epoch_end=report)
+    train(cfg, ray_dist_context(), on_checkpoint=report)
 
 
-def ray_storage_for(storage_root: str):
-    """(storage_path, storage_filesystem) for Ray's bookkeeping, under <storage_root>/_ray:
-    local paths as they are, other fsspec URLs wrapped for pyarrow."""
-    import os
+def fs_path(url: str) -> str:
+    """The path Ray's (pyarrow) filesystem knows ``url`` by."""
+    return os.path.abspath(url) if storage.is_local(url) else storage.filesystem(url)[1]
 
-    from mtl import storage
 
-    if storage.is_local(storage_root):
-        return os.path.abspath(storage.join(storage_root, "_ray")), None
+def ray_storage(url: str):
+    """(storage_path, storage_filesystem) for Ray: local paths as they are, other fsspec URLs
+    wrapped for pyarrow."""
+    if storage.is_local(url):
+        return os.path.abspath(url), None
     import pyarrow.fs
 
-    fs, path = storage.filesystem(storage_root)
-    return f"{path.rstrip('/')}/_ray", pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+    fs, path = storage.filesystem(url)
+    return path.rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def build_trainer(cfg: RunConfig, storage_root: str, callbacks: list | None = None):
-    """A TorchTrainer for one trial; Ray's own bookkeeping goes under <storage_root>/_ray."""
-    from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+def build_trainer(cfg: RunConfig, callbacks: list | None = None):
+    """A TorchTrainer for one trial, whose Ray run folder is the trial's own ``cfg.out``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     p = cfg.parallel
-    ray_path, ray_fs = ray_storage_for(storage_root)
+    out = os.path.abspath(cfg.out) if storage.is_local(cfg.out) else cfg.out.rstrip("/")
+    parent, name = out.rsplit("/", 1)
+    ray_path, ray_fs = ray_storage(parent)
     resources = {"CPU": p.cpus_per_worker}
     if p.gpus_per_worker:
         resources["GPU"] = p.gpus_per_worker
@@ -65,8 +82,10 @@ def build_trainer(cfg: RunConfig, storage_root: str, callbacks: list | None = No
         train_loop_config=cfg.to_dict(),
         scaling_config=ScalingConfig(num_workers=p.workers, use_gpu=p.gpus_per_worker > 0,
                                      resources_per_worker=resources),
-        run_config=RayRunConfig(name=trial_name(cfg), storage_path=ray_path, storage_filesystem=ray_fs,
+        run_config=RayRunConfig(name=name, storage_path=ray_path, storage_filesystem=ray_fs,
                                 failure_config=FailureConfig(max_failures=p.max_failures),
+                                # mtl.train prunes its own checkpoints (--keep-checkpoints).
+                                checkpoint_config=CheckpointConfig(num_to_keep=None),
                                 callbacks=callbacks or []),
     )
 

@@ -2,13 +2,16 @@
 
 Layout under the run folder::
 
-    checkpoints/step-00000120.pt    full state (model, optimizer, scheduler, scaler, combiner,
-                                    sampler position, RNG states, best score, config)
-    checkpoints/latest.json         {"file": "step-00000120.pt", "step": 120} - written last
-    best/model.pt                   the weights with the best dev score, and their metrics
+    checkpoints/step-00000120/state.pt   full state (model, optimizer, scheduler, scaler, combiner,
+                                         sampler position, best score, config)
+    checkpoints/step-00000120/shards/    per-rank state (DeepSpeed's optimizer partitions)
+    checkpoints/latest.json              {"checkpoint": "step-00000120", "step": 120} - written last
+    best/model.pt                        the weights with the best dev score, and their metrics
 
-A checkpoint exists once ``latest.json`` names it; ``latest.json`` itself is replaced in one
-atomic write, so a reader sees the previous checkpoint or the new one, never half of one."""
+A checkpoint is one folder, so a cluster framework can register that very folder as its own
+checkpoint (Ray Train does; see cluster/ray_trial.py) rather than keep a copy.  A checkpoint
+exists once ``latest.json`` names it; ``latest.json`` is replaced in one atomic write, so a
+reader sees the previous checkpoint or the new one, never half of one."""
 from __future__ import annotations
 
 import json
@@ -19,53 +22,57 @@ from mtl import storage
 from mtl.errors import CheckpointError, StorageError
 
 POINTER = "latest.json"
+STATE = "state.pt"
+PREFIX = "step-"
 
 
 def checkpoint_dir(out: str) -> str:
     return storage.join(out, "checkpoints")
 
 
-def state_url(out: str, step: int) -> str:
-    return storage.join(checkpoint_dir(out), f"step-{step:08d}.pt")
+def folder_url(out: str, step: int) -> str:
+    return storage.join(checkpoint_dir(out), f"{PREFIX}{step:08d}")
 
 
-def shards_url(state: str) -> str:
-    """Folder beside a checkpoint for per-rank state (DeepSpeed's optimizer partitions)."""
-    return state[: -len(".pt")] + ".shards"
+def state_url(folder: str) -> str:
+    return storage.join(folder, STATE)
 
 
-def publish(out: str, step: int, keep: int) -> None:
+def shards_url(folder: str) -> str:
+    return storage.join(folder, "shards")
+
+
+def publish(out: str, step: int, keep: int) -> str:
     """Make the checkpoint of ``step`` the latest (one atomic write), then drop old ones."""
     folder = checkpoint_dir(out)
-    name = f"step-{step:08d}.pt"
-    storage.write_text(storage.join(folder, POINTER), json.dumps({"file": name, "step": step}))
-    steps = sorted({n[:13] for n in storage.listdir(folder) if n.startswith("step-")})
+    name = folder_url(out, step).rsplit("/", 1)[-1]
+    storage.write_text(storage.join(folder, POINTER), json.dumps({"checkpoint": name, "step": step}))
+    steps = sorted(n for n in storage.listdir(folder) if n.startswith(PREFIX))
     for old in steps[:-keep]:
-        if old != name[:13]:
-            storage.remove(storage.join(folder, old + ".pt"))
-            storage.remove(storage.join(folder, old + ".shards"), recursive=True)
+        if old != name:
+            storage.remove(storage.join(folder, old), recursive=True)
+    return storage.join(folder, name)
 
 
 def save(out: str, state: dict, step: int, keep: int) -> str:
-    url = state_url(out, step)
-    storage.save_torch(url, state)
-    publish(out, step, keep)
-    return url
+    storage.save_torch(state_url(folder_url(out, step)), state)
+    return publish(out, step, keep)
 
 
 def latest(out: str) -> str | None:
-    """URL of the newest published checkpoint, or None for a fresh run."""
+    """Folder of the newest published checkpoint, or None for a fresh run."""
     pointer = storage.join(checkpoint_dir(out), POINTER)
     if not storage.exists(pointer):
         return None
     try:
-        name = json.loads(storage.read_text(pointer))["file"]
+        name = json.loads(storage.read_text(pointer))["checkpoint"]
     except (ValueError, KeyError, TypeError):
         raise CheckpointError(f"{pointer}: not a valid checkpoint pointer") from None
     return storage.join(checkpoint_dir(out), name)
 
 
-def load(url: str) -> dict:
+def load(folder: str) -> dict:
+    url = state_url(folder)
     try:
         state = storage.load_torch(url)
     except StorageError:

@@ -46,6 +46,7 @@ class TrainState:
     train_time_s: float = 0.0
     wall_time_s: float = 0.0
     examples: int = 0
+    resumed_from: list = field(default_factory=list)   # steps this run was resumed at
     conflict_steps: int = 0       # steps whose task gradients conflicted, of those measured
     measured_steps: int = 0
 
@@ -174,8 +175,12 @@ def evaluate(model: MultiTaskModel, dev: dict, batch_size: int, strategy: TorchS
 # The trial
 # --------------------------------------------------------------------------------------------
 def train(cfg: RunConfig, dist: DistContext | None = None,
-          on_epoch_end: Callable[[dict], None] | None = None) -> dict:
+          on_checkpoint: Callable[[dict], None] | None = None) -> dict:
+    """Runs the trial to the end (resuming from the run folder's latest checkpoint) and returns
+    its results.  ``on_checkpoint`` is called on every rank once a checkpoint is published, with
+    its folder, step, epoch and the evaluation made just before it (None between evaluations)."""
     started = time.perf_counter()
+    started_at = time.time()
     dist = dist or DistContext.from_env(cfg.device)
 
     # 1. Inputs: everything that can be wrong is checked before a file is written.
@@ -217,23 +222,26 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
         strategy.load_state_dict(resumed["strategy"])
         strategy.load_shards(checkpoint.shards_url(prior))
         state = TrainState(**resumed["state"])
+        state.resumed_from.append(state.step)
         log.info("resumed %s at step %d (epoch %d)", cfg.out, state.step, state.epoch)
 
     sink = TensorBoardSink(cfg.out, state.step) if dist.is_main else NullSink()
     bar = progress_bar(total_steps, state.step, cfg.progress, dist.is_main, f"{'+'.join(cfg.data.tasks)}")
     wall_before = state.wall_time_s
 
-    def save_full() -> None:
+    def save_full(evaluation: dict | None = None) -> None:
         state.wall_time_s = wall_before + time.perf_counter() - started
-        url = checkpoint.state_url(cfg.out, state.step)
+        folder = checkpoint.folder_url(cfg.out, state.step)
         if dist.is_main:
-            storage.save_torch(url, {
+            storage.save_torch(checkpoint.state_url(folder), {
                 "model": model.state_dict(), "strategy": strategy.state_dict(), "combiner": combiner.state_dict(),
                 "state": vars(state).copy(), "config": cfg.to_dict(), "step": state.step})
-        strategy.save_shards(checkpoint.shards_url(url))
+        strategy.save_shards(checkpoint.shards_url(folder))
         dist.barrier()     # every rank's part is written before the checkpoint is published
         if dist.is_main:
             checkpoint.publish(cfg.out, state.step, cfg.keep_checkpoints)
+        if on_checkpoint:
+            on_checkpoint({"checkpoint": folder, "step": state.step, "epoch": state.epoch, "evaluation": evaluation})
 
     # 4. Epochs.
     model.train()
@@ -276,12 +284,11 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
             state.epoch += 1
             state.step_in_epoch = 0
         last = state.epoch >= cfg.optim.epochs or _done(state, cfg)
+        record = None
         if state.epoch % cfg.eval_every_epochs == 0 or last:
             record = _evaluate_and_keep_best(cfg, model, dev_sets, strategy, dist, state, sink)
             combiner.after_evaluation(record["metrics"])
-            if on_epoch_end:
-                on_epoch_end(record)
-        save_full()
+        save_full(record)
         sink.flush()
     if bar:
         bar.close()
@@ -290,7 +297,8 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
     state.wall_time_s = wall_before + time.perf_counter() - started
     results = {
         "config": cfg.to_dict(), "tasks": list(cfg.data.tasks), "steps": state.step, "epochs": state.history,
-        "best": state.best, "wall_time_s": state.wall_time_s, "train_time_s": state.train_time_s,
+        "best": state.best, "started_at": started_at, "finished_at": time.time(),
+        "resumed_from_steps": state.resumed_from, "wall_time_s": state.wall_time_s, "train_time_s": state.train_time_s,
         "examples_per_s": state.examples / max(state.train_time_s, 1e-9), "world_size": dist.world_size,
         "skipped_rows": {t: raw_train[t].skipped + raw_dev[t].skipped for t in raw_train},
         "grad_conflict_fraction": state.conflict_steps / state.measured_steps if state.measured_steps else None,

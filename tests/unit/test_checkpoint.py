@@ -12,9 +12,9 @@ def test_pointer_is_published_last_and_old_checkpoints_are_pruned(tmp_path):
     assert checkpoint.latest(out) is None
     for step in (1, 2, 3):
         checkpoint.save(out, {"model": {"w": torch.tensor([float(step)])}, "step": step}, step, keep=2)
-    assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text()) == {"file": "step-00000003.pt", "step": 3}
+    assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text()) == {"checkpoint": "step-00000003", "step": 3}
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-        "latest.json", "step-00000002.pt", "step-00000003.pt"]
+        "latest.json", "step-00000002", "step-00000003"]
     assert checkpoint.load(checkpoint.latest(out))["model"]["w"].item() == 3.0
 
 
@@ -27,17 +27,17 @@ def test_a_checkpoint_is_loaded_without_unpickling_code(tmp_path):
 
     buf = io.BytesIO()
     torch.save({"model": {}, "step": 1, "x": Evil()}, buf)
-    storage.write_bytes(str(tmp_path / "bad.pt"), buf.getvalue())
+    storage.write_bytes(str(tmp_path / "bad" / "state.pt"), buf.getvalue())
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        checkpoint.load(str(tmp_path / "bad.pt"))
+        checkpoint.load(str(tmp_path / "bad"))
 
 
 def test_missing_or_foreign_files(tmp_path):
     with pytest.raises(CheckpointError, match="is missing"):
-        checkpoint.load(str(tmp_path / "nope.pt"))
-    storage.save_torch(str(tmp_path / "other.pt"), {"weights": torch.zeros(1)})
+        checkpoint.load(str(tmp_path / "nope"))
+    storage.save_torch(str(tmp_path / "other" / "state.pt"), {"weights": torch.zeros(1)})
     with pytest.raises(CheckpointError, match="not a checkpoint of this library"):
-        checkpoint.load(str(tmp_path / "other.pt"))
+        checkpoint.load(str(tmp_path / "other"))
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "latest.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not a valid checkpoint pointer"):

@@ -55,7 +55,7 @@ def test_unwritable_storage(tiny_model_dir, capsys, url, reason):
 def test_truncated_checkpoint_is_named(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert run(base(tiny_model_dir, out), capsys)[0] == 0
-    latest = checkpoint.latest(str(out))
+    latest = checkpoint.state_url(checkpoint.latest(str(out)))
     with open(latest, "r+b") as fh:
         fh.truncate(os.path.getsize(latest) // 2)
     before = sorted(p.name for p in out.rglob("*"))

@@ -31,7 +31,7 @@ def test_deepspeed_matches_plain_pytorch(make_config, tmp_path, stage, method):
                                                                  "parallel.zero_stage": stage}))
     assert ds["steps"] == ref["steps"] == 6
     assert max_diff(weights(str(tmp_path / "torch")), weights(str(tmp_path / "ds"))) < 1e-5
-    assert os.listdir(tmp_path / "ds" / "checkpoints" / "step-00000006.shards")
+    assert os.listdir(tmp_path / "ds" / "checkpoints" / "step-00000006" / "shards")
 
 
 def test_pcgrad_is_refused_at_start_up_where_zero_partitions_gradients(make_config, tmp_path):
@@ -60,5 +60,5 @@ def test_two_deepspeed_workers_match_one_with_twice_the_batch(make_config, tmp_p
     ranks = [json.loads((tmp_path / "two" / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["digest"] == ranks[1]["digest"]
     assert max_diff(weights(str(tmp_path / "one")), weights(str(tmp_path / "two"))) < 5e-6
-    shards = sorted(os.listdir(tmp_path / "two" / "checkpoints" / "step-00000005.shards"))
+    shards = sorted(os.listdir(tmp_path / "two" / "checkpoints" / "step-00000005" / "shards"))
     assert [s for s in shards if "optim_states" in s] == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from cluster.ray_sweep import concurrent_slots, is_finished, results_table, write_table
+from cluster.ray_sweep import concurrent_slots, driver_resources, is_finished, results_table, write_table
 from launch.grids import expand
 from launch.ray_submit import main as submit
 from mtl.config import RunConfig
@@ -79,9 +79,17 @@ def test_results_table_has_one_row_per_trial_from_its_own_results(tmp_path):
 
 
 def test_concurrency_never_lets_drivers_starve_their_workers():
-    trials = expand("smoke", RunConfig(), "runs/x", seeds=[0])      # largest trial: 2 workers x 1 CPU
-    assert concurrent_slots(trials, {"CPU": 2.0, "mtl_driver": 10000}) == 1
-    assert concurrent_slots(trials, {"CPU": 8.0, "mtl_driver": 10000}) == 4
-    assert concurrent_slots(trials, {"CPU": 4.0}) == 1                # drivers take 0.01 CPU each there
-    with pytest.raises(RuntimeError, match="no trial fits the cluster"):
-        concurrent_slots(trials, {"CPU": 1.0, "mtl_driver": 1})
+    trials = expand("smoke", RunConfig(), "runs/x", seeds=[0])      # three 1-worker trials, one of 2 workers
+    two = next(t for t in trials if t.parallel.workers == 2)
+    budgets = {"CPU": 2.0, "mtl_cpus": 2.0}
+    # With budgets (a local Ray): each driver reserves exactly its workers' CPUs and no CPU itself.
+    assert driver_resources(two, budgets) == {"CPU": 0, "mtl_cpus": 2}
+    assert driver_resources(trials[0], budgets) == {"CPU": 0, "mtl_cpus": 1}
+    assert concurrent_slots(trials, budgets) == 2                   # two 1-worker trials at once
+    assert concurrent_slots(trials, {"CPU": 8.0, "mtl_cpus": 8.0}) == 4
+    # Without (a cluster we did not start): only as many as the largest trial allows.
+    assert driver_resources(two, {"CPU": 4.0}) == {"CPU": 0}
+    assert concurrent_slots(trials, {"CPU": 2.0}) == 1
+    assert concurrent_slots(trials, {"CPU": 4.0}) == 2
+    with pytest.raises(RuntimeError, match=r"sst\+para-pcgrad-s0 does not fit the cluster: it needs 2 CPUs"):
+        concurrent_slots(trials, {"CPU": 1.0, "mtl_cpus": 1.0})

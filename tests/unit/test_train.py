@@ -92,7 +92,7 @@ def test_storage_can_be_any_fsspec_url(make_config):
     fs = fsspec.filesystem("memory")
     saved = json.loads(fs.cat("/mtl-test-run/results.json"))
     assert saved["steps"] == res["steps"] and saved["config"]["out"] == out
-    assert checkpoint.latest(out).endswith(f"step-{res['steps']:08d}.pt")
+    assert checkpoint.latest(out).endswith(f"step-{res['steps']:08d}")
     assert any("tfevents" in p for p in fs.find("/mtl-test-run/tb"))
     assert fs.exists("/mtl-test-run/best/model.pt")
 
