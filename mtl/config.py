@@ -182,7 +182,7 @@ class CombinerConfig:
 @dataclass
 class ParallelConfig:
     strategy: str = _help("'ddp' (plain PyTorch; DDP across workers) or 'deepspeed'", default="ddp")
-    zero_stage: int = _help("deepspeed: ZeRO stage 0, 1 or 2", default=0)
+    zero_stage: int = _help("deepspeed: ZeRO stage 0-3 (3 also partitions the weights)", default=0)
     offload_optimizer: bool = _help("deepspeed: keep optimizer state in CPU memory (ZeRO-Offload)", default=False)
     workers: int = _help("cluster runs: data-parallel workers per trial", default=1)
     cpus_per_worker: float = _help("cluster runs: CPUs each worker reserves", default=1.0)
@@ -196,9 +196,7 @@ class ParallelConfig:
         _require(self.gpus_per_worker >= 0, "parallel.gpus_per_worker", "must be >= 0")
         _require(self.max_failures >= 0, "parallel.max_failures", "must be >= 0")
         _require(self.strategy in ("ddp", "deepspeed"), "parallel.strategy", f"{self.strategy!r} is not ddp|deepspeed")
-        _require(self.zero_stage in (0, 1, 2), "parallel.zero_stage",
-                 f"{self.zero_stage} is not 0, 1 or 2 (stage 3 would partition the weights that evaluation and "
-                 "the best-weights file read whole)")
+        _require(self.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"{self.zero_stage} is not 0, 1, 2 or 3")
         _require(self.strategy == "deepspeed" or (self.zero_stage == 0 and not self.offload_optimizer),
                  "parallel.zero_stage", "ZeRO stages and offload need --strategy deepspeed")
 

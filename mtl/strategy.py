@@ -88,6 +88,17 @@ class TorchStrategy:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
 
+    # Every worker holds the whole weights (ZeRO stage 3 does not): gradient probes may read them.
+    whole_parameters = True
+
+    def full_state_dict(self) -> dict:
+        """The whole model's weights; a collective call (every rank) where weights are partitioned."""
+        return self.model.state_dict()
+
+    def load_weights(self, weights: dict) -> None:
+        """Load whole weights into the (possibly partitioned) model; called on every rank."""
+        self.model.load_state_dict(weights)
+
     def save_shards(self, url: str) -> None:
         """Per-rank state that rank 0 cannot save: none for plain PyTorch."""
 
@@ -96,7 +107,7 @@ class TorchStrategy:
 
 
 class DeepSpeedStrategy(TorchStrategy):
-    """A DeepSpeed engine (ZeRO stage 0-2, optional optimizer offload to CPU) built from the run
+    """A DeepSpeed engine (ZeRO stage 0-3, optional optimizer offload to CPU) built from the run
     configuration.  Gradient accumulation is left to the loop (DeepSpeed's unmanaged mode:
     backward only accumulates, step() is the boundary), so every combiner sees the same
     micro-batch structure as under DDP."""
@@ -106,9 +117,35 @@ class DeepSpeedStrategy(TorchStrategy):
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=False)
         self.dtype = None   # DeepSpeed casts the model itself for bf16/fp16
 
+    @property
+    def whole_parameters(self) -> bool:
+        return self.cfg.parallel.zero_stage < 3
+
+    def full_state_dict(self) -> dict:
+        if self.whole_parameters:
+            return self.model.state_dict()
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
+            return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def load_weights(self, weights: dict) -> None:
+        if self.whole_parameters:
+            return self.model.load_state_dict(weights)
+        import deepspeed
+
+        # Rank 0 writes into the gathered weights; DeepSpeed re-partitions them to every rank.
+        with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=0):
+            if self.dist.is_main:
+                self.model.load_state_dict(weights)
+
     def ds_config(self) -> dict:
         c, o = self.cfg, self.cfg.optim
         zero = {"stage": c.parallel.zero_stage}
+        if c.parallel.zero_stage == 3:
+            # Tensors this small stay whole on every rank: the learnable loss weights (read
+            # outside any forward), biases and LayerNorms.  DeepSpeed's default, made explicit.
+            zero["stage3_param_persistence_threshold"] = 100_000
         if c.parallel.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu"}
         conf = {

@@ -105,9 +105,8 @@ def check_run(cfg: RunConfig) -> Combiner:
     combiner = build_combiner(cfg.combiner, cfg.data.tasks, cfg.data.one_task_per_step)
     stage = cfg.parallel.zero_stage if cfg.parallel.strategy == "deepspeed" else 0
     if stage > combiner.max_zero_stage:
-        raise ConfigError(f"parallel.zero_stage: {cfg.combiner.combiner} needs every task's whole gradient of the "
-                          f"shared parameters on each worker, which ZeRO stage {stage} partitions "
-                          f"(use --zero-stage {combiner.max_zero_stage} or lower)")
+        raise ConfigError(f"parallel.zero_stage: {cfg.combiner.combiner} {combiner.zero_stage_limit}, which ZeRO "
+                          f"stage {stage} partitions (use --zero-stage {combiner.max_zero_stage} or lower)")
     return combiner
 
 
@@ -217,7 +216,7 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
     # 3. Resume.
     state = TrainState()
     if resumed:
-        model.load_state_dict(resumed["model"])
+        strategy.load_weights(resumed["model"])
         combiner.load_state_dict(resumed["combiner"])
         strategy.load_state_dict(resumed["strategy"])
         strategy.load_shards(checkpoint.shards_url(prior))
@@ -232,9 +231,10 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
     def save_full(evaluation: dict | None = None) -> None:
         state.wall_time_s = wall_before + time.perf_counter() - started
         folder = checkpoint.folder_url(cfg.out, state.step)
+        weights = strategy.full_state_dict()
         if dist.is_main:
             storage.save_torch(checkpoint.state_url(folder), {
-                "model": model.state_dict(), "strategy": strategy.state_dict(), "combiner": combiner.state_dict(),
+                "model": weights, "strategy": strategy.state_dict(), "combiner": combiner.state_dict(),
                 "state": vars(state).copy(), "config": cfg.to_dict(), "step": state.step})
         strategy.save_shards(checkpoint.shards_url(folder))
         dist.barrier()     # every rank's part is written before the checkpoint is published
@@ -252,7 +252,7 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
             torch.manual_seed((cfg.seed * 1_000_003 + state.step) * 1009 + dist.rank)
             tick = time.perf_counter()
             every = cfg.combiner.conflict_every
-            probe = bool(every) and (state.step + 1) % every == 0
+            probe = bool(every) and strategy.whole_parameters and (state.step + 1) % every == 0
             stats, gram = train_step(step, model, strategy, combiner, train_sets, dist, probe_conflict=probe)
             if gram is not None and len(gram[0]) > 1 and every:
                 conflict, conflicted = conflict_stats(*gram)
@@ -302,7 +302,7 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
         "examples_per_s": state.examples / max(state.train_time_s, 1e-9), "world_size": dist.world_size,
         "skipped_rows": {t: raw_train[t].skipped + raw_dev[t].skipped for t in raw_train},
         "grad_conflict_fraction": state.conflict_steps / state.measured_steps if state.measured_steps else None,
-        "weights_digest": weights_digest(model),
+        "weights_digest": weights_digest(strategy.full_state_dict()),
     }
     if dist.is_main:
         sink.hparams(cfg.to_dict(), {k: v for k, v in state.best.get("metrics", {}).items()})
@@ -311,10 +311,10 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
     return results
 
 
-def weights_digest(model: torch.nn.Module) -> str:
+def weights_digest(weights: dict) -> str:
     """A hash of the weights' bytes: replicas on every rank must agree on it."""
     h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in weights.items():
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
@@ -342,9 +342,10 @@ def _evaluate_and_keep_best(cfg, model, dev_sets, strategy, dist, state: TrainSt
     if score > state.best_score:
         state.best_score = score
         state.best = record
+        weights = strategy.full_state_dict()
         if dist.is_main:
             storage.save_torch(storage.join(cfg.out, "best", "model.pt"),
-                               {"model": model.state_dict(), "metrics": metrics, "epoch": state.epoch,
+                               {"model": weights, "metrics": metrics, "epoch": state.epoch,
                                 "step": state.step, "config": cfg.to_dict()})
     log.info("epoch %d step %d dev %s", state.epoch, state.step,
              " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

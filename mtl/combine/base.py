@@ -30,8 +30,9 @@ from mtl.dist import DistContext
 class Combiner(nn.Module):
     # A method that compares or weighs tasks within a step cannot run when a step holds one task.
     needs_all_tasks_per_step: ClassVar[bool] = False
-    # The highest DeepSpeed ZeRO stage whose gradient layout the method can work with.
+    # The highest DeepSpeed ZeRO stage whose partitioning the method can work with, and why.
     max_zero_stage: ClassVar[int] = 3
+    zero_stage_limit: ClassVar[str] = ""
 
     def __init__(self, tasks: tuple[str, ...], cfg: CombinerConfig):
         super().__init__()

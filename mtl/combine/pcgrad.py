@@ -64,6 +64,7 @@ class PCGrad(Combiner):
     # Needs every task's full gradient of the shared parameters on each rank: ZeRO 2 and 3
     # partition gradients, so only stages 0 and 1 keep what the surgery needs.
     max_zero_stage = 1
+    zero_stage_limit = "needs every task's whole gradient of the shared parameters on each worker"
 
     def __init__(self, tasks: tuple[str, ...], cfg: CombinerConfig):
         super().__init__(tasks, cfg)

@@ -17,6 +17,10 @@ from mtl.tasks import TASKS
 
 @register("uncertainty")
 class Uncertainty(Combiner):
+    # ZeRO 3 partitions parameters and gathers them only inside a module's forward; the log
+    # variances are read in combine(), after the model's forward.
+    max_zero_stage = 2
+    zero_stage_limit = "reads its learnable loss weights outside the model's forward"
     def __init__(self, tasks: tuple[str, ...], cfg: CombinerConfig):
         super().__init__(tasks, cfg)
         self.log_var = nn.Parameter(torch.zeros(len(tasks)))

@@ -1,6 +1,6 @@
 """Trials on a real local Ray (2 CPUs): a worker process killed mid-trial is restarted by Ray
 and the trial finishes with the metrics and weights of an uninterrupted run; 2 workers x b
-equal 1 worker x 2b; DeepSpeed ZeRO 1 and 2 on 2 CPU workers survive the same kill by
+equal 1 worker x 2b; DeepSpeed ZeRO 1, 2 and 3 on 2 CPU workers survive the same kill by
 resuming from their sharded checkpoints.  Ray's checkpoint is the trial's own folder."""
 import json
 import os
@@ -124,7 +124,7 @@ def test_two_workers_at_b_match_one_worker_at_2b(uninterrupted, trial_config):
     assert_same_metrics(res, whole, tol=1e-3)
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_zero_on_two_cpu_workers_resumes_after_a_kill(uninterrupted, trial_config, stage):
     _, _, whole = uninterrupted
     cfg = trial_config(f"zero{stage}", **{"parallel.strategy": "deepspeed", "parallel.zero_stage": stage})

@@ -23,7 +23,8 @@ def max_diff(a, b):
 COMMON = {"data.tasks": "sst,para", "data.max_train_rows": 24, "optim.epochs": 1, "optim.weight_decay": 0.01}
 
 
-@pytest.mark.parametrize("stage,method", [(0, "sum"), (1, "sum"), (2, "uncertainty"), (1, "pcgrad")])
+@pytest.mark.parametrize("stage,method", [(0, "sum"), (1, "sum"), (2, "uncertainty"), (1, "pcgrad"),
+                                          (3, "dtp")])
 def test_deepspeed_matches_plain_pytorch(make_config, tmp_path, stage, method):
     extra = {**COMMON, "combiner.combiner": method}
     ref = train(make_config(out=str(tmp_path / "torch"), **extra))
@@ -38,12 +39,17 @@ def test_pcgrad_is_refused_at_start_up_where_zero_partitions_gradients(make_conf
     cfg = make_config(**{"combiner.combiner": "pcgrad", "parallel.strategy": "deepspeed", "parallel.zero_stage": 2})
     with pytest.raises(ConfigError, match=r"^parallel.zero_stage: pcgrad needs every task's whole gradient.*stage 2"):
         check_run(cfg)
-    with pytest.raises(ConfigError, match="parallel.zero_stage"):
-        make_config(**{"parallel.zero_stage": 3, "parallel.strategy": "deepspeed"})
+    cfg = make_config(**{"combiner.combiner": "uncertainty", "parallel.strategy": "deepspeed", "parallel.zero_stage": 3})
+    with pytest.raises(ConfigError, match=r"^parallel.zero_stage: uncertainty reads its learnable loss weights outside "
+                                          r"the model's forward, which ZeRO stage 3 partitions \(use --zero-stage 2"):
+        check_run(cfg)
+    with pytest.raises(ConfigError, match="parallel.zero_stage: 4 is not 0, 1, 2 or 3"):
+        make_config(**{"parallel.zero_stage": 4, "parallel.strategy": "deepspeed"})
 
 
-def test_deepspeed_resumes_from_its_shards(make_config, tmp_path):
-    extra = {**COMMON, "parallel.strategy": "deepspeed", "parallel.zero_stage": 1, "optim.epochs": 2}
+@pytest.mark.parametrize("stage", [1, 3])
+def test_deepspeed_resumes_from_its_shards(make_config, tmp_path, stage):
+    extra = {**COMMON, "parallel.strategy": "deepspeed", "parallel.zero_stage": stage, "optim.epochs": 2}
     train(make_config(out=str(tmp_path / "whole"), **extra))
     train(make_config(out=str(tmp_path / "cut"), **{**extra, "optim.epochs": 1}))
     res = train(make_config(out=str(tmp_path / "cut"), **extra))     # picks up after epoch 1
@@ -51,7 +57,7 @@ def test_deepspeed_resumes_from_its_shards(make_config, tmp_path):
     assert max_diff(weights(str(tmp_path / "whole")), weights(str(tmp_path / "cut"))) < 1e-6
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_deepspeed_workers_match_one_with_twice_the_batch(make_config, tmp_path, stage):
     extra = {**COMMON, "data.max_train_rows": 40, "parallel.strategy": "deepspeed", "parallel.zero_stage": stage}
     train(make_config(out=str(tmp_path / "one"), **extra, **{"optim.batch_size": 8}))
