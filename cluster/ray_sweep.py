@@ -30,6 +30,7 @@ log = logging.getLogger("cluster.ray_sweep")
 # GPUs, and each trial's driver reserves as much of them as its workers will need, so Tune
 # starts exactly the trials whose workers fit - per trial, whatever the grid mixes.
 CPU_BUDGET, GPU_BUDGET = "mtl_cpus", "mtl_gpus"
+DRIVER_MEMORY_TOKEN = 1 << 20
 RESULTS = "results.json"
 
 
@@ -47,7 +48,9 @@ def driver_resources(cfg: RunConfig, cluster: dict) -> dict:
     """What a trial's driver reserves.  Never a CPU its workers need: 0 CPU, plus (where the
     cluster has the budgets) its workers' demand out of the budgets."""
     if not cluster.get(CPU_BUDGET):
-        return {"CPU": 0}
+        # A placement group bundle may not be empty: a token of logical memory, which no
+        # training worker reserves, keeps it non-empty without taking anything they need.
+        return {"CPU": 0, "memory": DRIVER_MEMORY_TOKEN}
     cpus, gpus = demand(cfg)
     return {"CPU": 0, CPU_BUDGET: cpus, **({GPU_BUDGET: gpus} if gpus else {})}
 
