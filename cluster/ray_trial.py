@@ -58,11 +58,10 @@ def ray_storage(url: str):
     """(storage_path, storage_filesystem) for Ray: local paths as they are, other fsspec URLs
     wrapped for pyarrow."""
     if storage.is_local(url):
-        return os.path.abspath(url), None
+        return fs_path(url), None
     import pyarrow.fs
 
-    fs, path = storage.filesystem(url)
-    return path.rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+    return fs_path(url).rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(storage.filesystem(url)[0]))
 
 
 def build_trainer(cfg: RunConfig, callbacks: list | None = None):

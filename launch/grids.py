@@ -113,8 +113,7 @@ def expand(grid: str, base: RunConfig, storage_root: str, seeds: list[int]) -> l
         key = cfg.fingerprint()
         if key in seen:
             continue
-        varied = {k: v for k, v in combo.items()}
-        name = trial_name(cfg, varied)
+        name = trial_name(cfg, combo)
         if name in seen.values():
             name = f"{name}-{key[:6]}"
         seen[key] = name
@@ -122,8 +121,9 @@ def expand(grid: str, base: RunConfig, storage_root: str, seeds: list[int]) -> l
     return trials
 
 
-SHORT = {"parallel.workers": None, "data.tasks": None, "tasks": None, "combiner.combiner": None, "combiner": None, "seed": None,
-         "combiner.alpha": None, "alpha": None, "combiner.weights": None, "weights": None}
+# Axes the name already shows (tasks, method, alpha, seed) or leaves out (workers).
+SHORT = {"parallel.workers", "data.tasks", "tasks", "combiner.combiner", "combiner", "seed",
+         "combiner.alpha", "alpha", "combiner.weights", "weights"}
 
 
 def trial_name(cfg: RunConfig, varied: dict) -> str:

@@ -47,10 +47,7 @@ def main(argv=None) -> int:
 
         for t in trials:
             check_run(t)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except MtlError as exc:
+    except (ValueError, MtlError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:

@@ -44,14 +44,14 @@ def shards_url(folder: str) -> str:
 
 def publish(out: str, step: int, keep: int) -> str:
     """Make the checkpoint of ``step`` the latest (one atomic write), then drop old ones."""
-    folder = checkpoint_dir(out)
-    name = folder_url(out, step).rsplit("/", 1)[-1]
+    folder, target = checkpoint_dir(out), folder_url(out, step)
+    name = target.rsplit("/", 1)[-1]
     storage.write_text(storage.join(folder, POINTER), json.dumps({"checkpoint": name, "step": step}))
     steps = sorted(n for n in storage.listdir(folder) if n.startswith(PREFIX))
     for old in steps[:-keep]:
         if old != name:
             storage.remove(storage.join(folder, old), recursive=True)
-    return storage.join(folder, name)
+    return target
 
 
 def save(out: str, state: dict, step: int, keep: int) -> str:

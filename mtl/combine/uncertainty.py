@@ -21,6 +21,7 @@ class Uncertainty(Combiner):
     # variances are read in combine(), after the model's forward.
     max_zero_stage = 2
     zero_stage_limit = "reads its learnable loss weights outside the model's forward"
+
     def __init__(self, tasks: tuple[str, ...], cfg: CombinerConfig):
         super().__init__(tasks, cfg)
         self.log_var = nn.Parameter(torch.zeros(len(tasks)))
