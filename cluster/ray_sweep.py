@@ -21,9 +21,10 @@ import time
 
 from mtl import storage
 from mtl.config import RunConfig
-from mtl.monitor import flatten
 
-from cluster.ray_trial import ray_storage, trial_name
+from cluster.placement import Placement
+from cluster.ray_trial import GPU_DEFAULT, ray_storage
+from cluster.study import is_finished, read_results, results_table, trial_name, write_table
 
 log = logging.getLogger("cluster.ray_sweep")
 # Admission budgets: a local Ray is started with these custom resources equal to its CPUs and
@@ -31,42 +32,35 @@ log = logging.getLogger("cluster.ray_sweep")
 # starts exactly the trials whose workers fit - per trial, whatever the grid mixes.
 CPU_BUDGET, GPU_BUDGET = "mtl_cpus", "mtl_gpus"
 DRIVER_MEMORY_TOKEN = 1 << 20
-RESULTS = "results.json"
 
 
-def is_finished(cfg: RunConfig) -> bool:
-    return storage.exists(storage.join(cfg.out, RESULTS))
+def demand(cfg: RunConfig, placement: Placement) -> tuple[float, float]:
+    return placement.demand(cfg, GPU_DEFAULT)
 
 
-def demand(cfg: RunConfig) -> tuple[float, float]:
-    """(CPUs, GPUs) a trial's workers hold while it runs."""
-    p = cfg.parallel
-    return p.workers * p.cpus_per_worker, p.workers * p.gpus_per_worker
-
-
-def driver_resources(cfg: RunConfig, cluster: dict) -> dict:
+def driver_resources(cfg: RunConfig, placement: Placement, cluster: dict) -> dict:
     """What a trial's driver reserves.  Never a CPU its workers need: 0 CPU, plus (where the
     cluster has the budgets) its workers' demand out of the budgets."""
     if not cluster.get(CPU_BUDGET):
         # A placement group bundle may not be empty: a token of logical memory, which no
         # training worker reserves, keeps it non-empty without taking anything they need.
         return {"CPU": 0, "memory": DRIVER_MEMORY_TOKEN}
-    cpus, gpus = demand(cfg)
+    cpus, gpus = demand(cfg, placement)
     return {"CPU": 0, CPU_BUDGET: cpus, **({GPU_BUDGET: gpus} if gpus else {})}
 
 
-def concurrent_slots(trials: list[RunConfig], cluster: dict) -> int:
+def concurrent_slots(trials: list[RunConfig], placement: Placement, cluster: dict) -> int:
     """An upper bound on trials at once.  With budgets: as many as the cluster holds of its
     smallest trials (the budgets admit each one).  Without (a cluster we did not start): as
     many of the largest as fit, so a started trial never waits for workers."""
     fits = []
     for t in trials:
-        cpus, gpus = demand(t)
+        cpus, gpus = demand(t, placement)
         by_gpu = cluster.get("GPU", 0) // gpus if gpus else math.inf
         fits.append(min(cluster.get("CPU", 0) // cpus, by_gpu))
     if min(fits) < 1:
         worst = trials[fits.index(min(fits))]
-        cpus, gpus = demand(worst)
+        cpus, gpus = demand(worst, placement)
         raise RuntimeError(f"trial {worst.out} does not fit the cluster: it needs {cpus:g} CPUs and {gpus:g} GPUs, "
                            f"the cluster has {cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs")
     slots = max(fits) if cluster.get(CPU_BUDGET) else min(fits)
@@ -88,7 +82,7 @@ def start_local_ray(verbose: int) -> None:
              resources={CPU_BUDGET: cpus, **({GPU_BUDGET: gpus} if gpus else {})})
 
 
-def _driver(config: dict, trials: dict, storage_root: str) -> None:
+def _driver(config: dict, trials: dict, placement: Placement, storage_root: str) -> None:
     """One Tune trial: fit the trial's TorchTrainer, forwarding its reports to Tune."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -98,22 +92,24 @@ def _driver(config: dict, trials: dict, storage_root: str) -> None:
     launched = time.time()
     name = config["trial"]
     cfg = RunConfig.from_dict(trials[name])
-    build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
+    build_trainer(cfg, placement, callbacks=[TuneReportCallback()]).fit()
     storage.write_text(storage.join(storage_root, "_ray", "timings", f"{name}.json"),
                        json.dumps({"driver_launched_at": launched, "driver_finished_at": time.time()}))
-    results = json.loads(storage.read_text(storage.join(cfg.out, RESULTS)))
+    results = read_results(cfg)
     tune.report({"best_score": results["best"].get("score"), "steps": results["steps"]})
 
 
-def run_sweep(trials: list[RunConfig], storage_root: str, address: str | None = None,
-              verbose: int = 1) -> list[dict]:
+def run_sweep(trials: list[RunConfig], storage_root: str, placement: Placement | None = None,
+              address: str | None = None, verbose: int = 1) -> list[dict]:
     import ray
     from ray import tune
     from ray.tune import PlacementGroupFactory
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")   # reports block on this poll
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    placement = placement or Placement()
     started = time.perf_counter()
+    failures = {}
     storage.ensure_writable(storage_root)
     todo = [t for t in trials if not is_finished(t)]
     log.info("%d trials, %d already finished, %d to run", len(trials), len(trials) - len(todo), len(todo))
@@ -129,54 +125,23 @@ def run_sweep(trials: list[RunConfig], storage_root: str, address: str | None = 
         tuner = tune.Tuner(
             tune.with_resources(
                 tune.with_parameters(_driver, trials={n: t.to_dict() for n, t in by_name.items()},
-                                     storage_root=storage_root),
-                lambda spec: PlacementGroupFactory([driver_resources(by_name[spec["trial"]], cluster)])),
+                                     placement=placement, storage_root=storage_root),
+                lambda spec: PlacementGroupFactory([driver_resources(by_name[spec["trial"]], placement, cluster)])),
             param_space={"trial": tune.grid_search(list(by_name))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent_slots(todo, cluster),
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent_slots(todo, placement, cluster),
                                         trial_name_creator=lambda trial: trial.config["trial"],
                                         trial_dirname_creator=lambda trial: trial.config["trial"]),
             run_config=tune.RunConfig(name="sweep", storage_path=ray_path, storage_filesystem=ray_fs,
                                       verbose=verbose),
         )
-        tuner.fit()
-    rows = results_table(trials)
+        failures = {r.config["trial"]: _first_line(r.error) for r in tuner.fit() if r.error}
+    rows = results_table(trials, failures)
     write_table(storage_root, rows)
     log.info("sweep of %d trials done in %.1f s", len(trials), time.perf_counter() - started)
     return rows
 
 
-def results_table(trials: list[RunConfig]) -> list[dict]:
-    """One row per trial: name, the settings that vary across the grid, best dev metrics."""
-    configs = [flatten(t.to_dict()) for t in trials]
-    varied = sorted(k for k in configs[0] if k != "out" and len({json.dumps(c[k]) for c in configs}) > 1)
-    rows = []
-    for cfg, flat in zip(trials, configs):
-        row = {"trial": trial_name(cfg), "status": "missing"}
-        row.update({k: _cell(flat[k]) for k in varied})
-        url = storage.join(cfg.out, RESULTS)
-        if storage.exists(url):
-            res = json.loads(storage.read_text(url))
-            row.update(status="done", best_epoch=res["best"].get("epoch"), steps=res["steps"],
-                       wall_time_s=round(res["wall_time_s"], 2), train_time_s=round(res["train_time_s"], 2),
-                       examples_per_s=round(res["examples_per_s"], 2), world_size=res["world_size"],
-                       **{f"dev/{k}": v for k, v in res["best"].get("metrics", {}).items()})
-        rows.append(row)
-    return rows
 
-
-def _cell(value):
-    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-
-
-def write_table(storage_root: str, rows: list[dict]) -> None:
-    import csv
-    import io
-
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    storage.write_text(storage.join(storage_root, "results.csv"), buf.getvalue())
-    storage.write_text(storage.join(storage_root, "results.json"), json.dumps(rows, indent=2))
-
+def _first_line(error: BaseException) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:300]

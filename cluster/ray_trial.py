@@ -6,7 +6,7 @@ Checkpoints: Ray Train's run folder *is* the trial's run folder (storage_path = 
 name = the trial's name), and each checkpoint mtl.train publishes there is reported to Ray as
 it stands (``CheckpointUploadMode.NO_UPLOAD``): one set of files that is both the trial
 library's checkpoint and Ray's ``Result.checkpoint``.  When a worker dies, Ray restarts the
-worker group (up to ``parallel.max_failures`` times) and ``train`` resumes from the newest
+worker group (up to ``placement.max_failures`` times) and ``train`` resumes from the newest
 published checkpoint, which is the one Ray last registered or one step newer."""
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import os
 from mtl import storage
 from mtl.config import RunConfig
 from mtl.dist import DistContext
+
+from cluster.placement import Placement
 
 
 def ray_dist_context() -> DistContext:
@@ -30,7 +32,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint, CheckpointUploadMode
 
-    from mtl.train import train
+    from cluster.trial import run_trial
 
     cfg = RunConfig.from_dict(config)
     ray_fs = ray.train.get_context().get_storage().storage_filesystem
@@ -46,7 +48,7 @@ def train_loop_per_worker(config: dict) -> None:
                          checkpoint_dir_name=folder.rstrip("/").rsplit("/", 1)[-1],
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
-    train(cfg, ray_dist_context(), on_checkpoint=report)
+    run_trial(cfg, ray_dist_context(), on_checkpoint=report)
 
 
 def fs_path(url: str) -> str:
@@ -64,30 +66,31 @@ def ray_storage(url: str):
     return fs_path(url).rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(storage.filesystem(url)[0]))
 
 
-def build_trainer(cfg: RunConfig, callbacks: list | None = None):
+GPU_DEFAULT = 0.0     # Ray trials train on CPU unless told --gpus-per-worker
+
+
+def build_trainer(cfg: RunConfig, placement: Placement | None = None, callbacks: list | None = None):
     """A TorchTrainer for one trial, whose Ray run folder is the trial's own ``cfg.out``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    p = cfg.parallel
+    placement = placement or Placement()
     out = os.path.abspath(cfg.out) if storage.is_local(cfg.out) else cfg.out.rstrip("/")
     parent, name = out.rsplit("/", 1)
     ray_path, ray_fs = ray_storage(parent)
-    resources = {"CPU": p.cpus_per_worker}
-    if p.gpus_per_worker:
-        resources["GPU"] = p.gpus_per_worker
+    gpus = placement.gpus(GPU_DEFAULT)
+    resources = {"CPU": placement.cpus_per_worker}
+    if gpus:
+        resources["GPU"] = gpus
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
-        scaling_config=ScalingConfig(num_workers=p.workers, use_gpu=p.gpus_per_worker > 0,
+        scaling_config=ScalingConfig(num_workers=cfg.parallel.workers, use_gpu=gpus > 0,
                                      resources_per_worker=resources),
         run_config=RayRunConfig(name=name, storage_path=ray_path, storage_filesystem=ray_fs,
-                                failure_config=FailureConfig(max_failures=p.max_failures),
+                                failure_config=FailureConfig(max_failures=placement.max_failures),
                                 # mtl.train prunes its own checkpoints (--keep-checkpoints).
                                 checkpoint_config=CheckpointConfig(num_to_keep=None),
                                 callbacks=callbacks or []),
     )
 
-
-def trial_name(cfg: RunConfig) -> str:
-    return cfg.out.rstrip("/").rsplit("/", 1)[-1]

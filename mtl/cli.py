@@ -6,9 +6,12 @@ import argparse
 import json
 import logging
 import sys
+from typing import Callable
 
+from mtl import storage
 from mtl.config import RunConfig, field_docs, set_dotted
-from mtl.errors import MtlError
+from mtl.errors import ConfigError, MtlError
+from mtl.stop import EXIT_STOPPED, StopSignal, TrialStopped
 from mtl.presets import PRESETS
 
 
@@ -33,9 +36,11 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     d = RunConfig().to_dict()
     if args.config:
-        with open(args.config) as fh:
-            loaded = json.load(fh)
-        d = loaded.get("config", loaded)
+        try:
+            loaded = json.loads(storage.read_text(args.config))
+        except ValueError as exc:
+            raise ConfigError(f"{args.config}: not valid JSON ({exc})") from None
+        d = loaded.get("config", loaded) if isinstance(loaded, dict) else loaded
     for key, value in PRESETS[args.preset].items():
         set_dotted(d, key, value)
     for _, key, _ in field_docs():
@@ -52,13 +57,25 @@ def run_cli(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from mtl.train import check_run, train
 
-    try:
+    def work() -> int:
         cfg = config_from_args(args)
         check_run(cfg)
         if args.print_config:
             print(json.dumps(cfg.to_dict(), indent=2))
             return 0
-        results = train(cfg)
+        print_summary(cfg, train(cfg, stop=StopSignal().install()))
+        return 0
+    return guarded(work)
+
+
+def guarded(work: Callable[[], int]) -> int:
+    """Runs a trial's command.  Input errors become one line on stderr and exit 2; a stop on
+    request (SIGUSR1/SIGTERM: a scheduler's warning), after its checkpoint, exits 75."""
+    try:
+        return work()
+    except TrialStopped as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return EXIT_STOPPED
     except MtlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -67,8 +84,10 @@ def run_cli(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
+
+
+def print_summary(cfg: RunConfig, results: dict) -> None:
     best = results["best"]
     print(json.dumps({"out": cfg.out, "best_epoch": best.get("epoch"), "best": best.get("metrics"),
                       "wall_time_s": round(results["wall_time_s"], 1),
                       "examples_per_s": round(results["examples_per_s"], 1)}))
-    return 0

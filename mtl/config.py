@@ -23,8 +23,11 @@ DEFAULT_MODEL = "embedded:all-MiniLM-L6-v2"
 DEFAULT_DATA = "embedded:sample"
 
 
-def _help(text: str, **kw) -> Any:
-    return field(metadata={"help": text}, **kw)
+def _help(text: str, identity: bool = True, **kw) -> Any:
+    """A documented field.  ``identity=False`` marks a setting that does not change what the trial
+    computes (where it is stored, how it logs and checkpoints): it is left out of the trial's
+    fingerprint, resume checks, TensorBoard's hparams and the sweep table's varied columns."""
+    return field(metadata={"help": text, "identity": identity}, **kw)
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -85,7 +88,7 @@ class DataConfig:
     on_bad_row: str = _help("'error' stops at a malformed row naming file and line; 'skip' skips and counts",
                             default="error")
     cache_dir: str = _help("tokenization cache folder or URL (default: <out>/token_cache); a sweep shares one",
-                           default="")
+                           identity=False, default="")
     max_train_rows: int = _help("use a fixed random subset of this many training rows per task (0: all)",
                                 default=0)
     max_dev_rows: int = _help("use a fixed random subset of this many dev rows per task (0: all)", default=0)
@@ -153,7 +156,7 @@ class CombinerConfig:
                          default="train")
     combiner_lr: float = _help("learning rate of learnable loss weights (uncertainty); 0: the model's", default=1e-3)
     conflict_every: int = _help("log task-gradient cosines and norms every N steps (every step for pcgrad, "
-                                "which computes them anyway; 0: off)", default=50)
+                                "which computes them anyway; 0: off)", identity=False, default=50)
 
     def __post_init__(self):
         _require(self.pcgrad_reduction in ("sum", "mean"), "combiner.pcgrad_reduction",
@@ -184,17 +187,12 @@ class ParallelConfig:
     strategy: str = _help("'ddp' (plain PyTorch; DDP across workers) or 'deepspeed'", default="ddp")
     zero_stage: int = _help("deepspeed: ZeRO stage 0-3 (3 also partitions the weights)", default=0)
     offload_optimizer: bool = _help("deepspeed: keep optimizer state in CPU memory (ZeRO-Offload)", default=False)
+    # Only what changes the numbers lives here; where the workers run (CPUs, GPUs, retries,
+    # partition, time) is the launchers' placement (cluster/placement.py), never the trial's.
     workers: int = _help("cluster runs: data-parallel workers per trial", default=1)
-    cpus_per_worker: float = _help("cluster runs: CPUs each worker reserves", default=1.0)
-    gpus_per_worker: float = _help("cluster runs: GPUs each worker reserves (0: CPU training)", default=0.0)
-    max_failures: int = _help("cluster runs: restarts of a trial's workers after a failure (resuming from "
-                              "the latest checkpoint)", default=2)
 
     def __post_init__(self):
         _require(self.workers >= 1, "parallel.workers", "must be >= 1")
-        _require(self.cpus_per_worker > 0, "parallel.cpus_per_worker", "must be > 0")
-        _require(self.gpus_per_worker >= 0, "parallel.gpus_per_worker", "must be >= 0")
-        _require(self.max_failures >= 0, "parallel.max_failures", "must be >= 0")
         _require(self.strategy in ("ddp", "deepspeed"), "parallel.strategy", f"{self.strategy!r} is not ddp|deepspeed")
         _require(self.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"{self.zero_stage} is not 0, 1, 2 or 3")
         _require(self.strategy == "deepspeed" or (self.zero_stage == 0 and not self.offload_optimizer),
@@ -203,16 +201,18 @@ class ParallelConfig:
 
 @dataclass
 class RunConfig:
-    out: str = _help("run folder or fsspec URL: checkpoints, TensorBoard logs, results.json", default="runs/default")
+    out: str = _help("run folder or fsspec URL: checkpoints, TensorBoard logs, results.json", identity=False,
+                     default="runs/default")
     seed: int = _help("seed for weights of the heads, sampling and dropout", default=0)
     precision: str = _help("fp32, bf16 (autocast) or fp16 (autocast and a gradient scaler)", default="fp32")
     select_metric: str = _help("dev score that picks the best checkpoint: 'mean' of the tasks' primary "
                                "scores, or task/metric such as sst/acc, para/f1, sts/pearson", default="mean")
     eval_every_epochs: int = _help("dev evaluation (and best-checkpoint choice) every N epochs", default=1)
-    save_every_steps: int = _help("also checkpoint every N optimizer steps (0: once per epoch only)", default=0)
-    keep_checkpoints: int = _help("how many recent full checkpoints to keep", default=2)
-    log_every_steps: int = _help("TensorBoard scalars every N optimizer steps", default=10)
-    progress: str = _help("terminal progress bar: auto (when a terminal), on, off", default="auto")
+    save_every_steps: int = _help("also checkpoint every N optimizer steps (0: once per epoch only)", identity=False,
+                                  default=0)
+    keep_checkpoints: int = _help("how many recent full checkpoints to keep", identity=False, default=2)
+    log_every_steps: int = _help("TensorBoard scalars every N optimizer steps", identity=False, default=10)
+    progress: str = _help("terminal progress bar: auto (when a terminal), on, off", identity=False, default="auto")
     device: str = _help("auto, cpu, cuda or cuda:N", default="auto")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -253,22 +253,35 @@ class RunConfig:
             set_dotted(d, key, value)
         return RunConfig.from_dict(d)
 
-    def fingerprint(self) -> str:
-        """Short stable hash of everything but where the run is stored."""
+    def identity(self) -> dict:
+        """What the trial computes: the dict form without the settings marked ``identity=False``
+        (storage, logging, checkpoint cadence).  Two configs with equal identities train the same
+        numbers, wherever and however they run."""
         d = self.to_dict()
-        d.pop("out")
-        for key in ("progress", "log_every_steps"):
-            d.pop(key)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+        for key in NON_IDENTITY:
+            section, _, name = key.rpartition(".")
+            (d[section] if section else d).pop(name)
+        return d
+
+    def fingerprint(self) -> str:
+        """Short stable hash of the identity."""
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:10]
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "combiner": CombinerConfig,
             "parallel": ParallelConfig}
 
 
+# Placement settings that earlier versions kept in the run configuration: configs saved then
+# (checkpoints, results.json) still load, and the settings are dropped (cluster/placement.py).
+_MOVED_TO_PLACEMENT = {"cpus_per_worker", "gpus_per_worker", "max_failures"}
+
+
 def _build(cls, d: dict, prefix: str):
     if not isinstance(d, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(d).__name__}")
+    if cls is ParallelConfig:
+        d = {k: v for k, v in d.items() if k not in _MOVED_TO_PLACEMENT}
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(known))
     if unknown:
@@ -326,6 +339,13 @@ def set_dotted(d: dict, key: str, value) -> None:
     node[parts[-1]] = value
 
 
+def _non_identity() -> tuple[str, ...]:
+    keys = [f.name for f in dataclasses.fields(RunConfig) if not f.metadata.get("identity", True)]
+    keys += [f"{name}.{f.name}" for name, section in SECTIONS.items() for f in dataclasses.fields(section)
+             if not f.metadata.get("identity", True)]
+    return tuple(keys)
+
+
 def field_docs() -> list[tuple[str, str, dataclasses.Field]]:
     """(flag name, dotted key, field) for every leaf setting; flag names are unique by design."""
     out = []
@@ -338,3 +358,6 @@ def field_docs() -> list[tuple[str, str, dataclasses.Field]]:
     names = [n for n, _, _ in out]
     assert len(names) == len(set(names)), "config field names must be unique to make flat CLI flags"
     return out
+
+
+NON_IDENTITY = _non_identity()

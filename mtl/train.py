@@ -28,6 +28,7 @@ from mtl.data import MultiTaskSampler, Step, encode_split, eval_order, make_batc
 from mtl.dist import DistContext
 from mtl.model import MultiTaskModel, build_model, load_tokenizer
 from mtl.monitor import NullSink, TensorBoardSink, progress_bar
+from mtl.stop import StopSignal, TrialStopped
 from mtl.strategy import TorchStrategy, build_strategy
 from mtl.tasks import TASKS, TaskSpec
 
@@ -174,10 +175,12 @@ def evaluate(model: MultiTaskModel, dev: dict, batch_size: int, strategy: TorchS
 # The trial
 # --------------------------------------------------------------------------------------------
 def train(cfg: RunConfig, dist: DistContext | None = None,
-          on_checkpoint: Callable[[dict], None] | None = None) -> dict:
+          on_checkpoint: Callable[[dict], None] | None = None, stop: StopSignal | None = None) -> dict:
     """Runs the trial to the end (resuming from the run folder's latest checkpoint) and returns
     its results.  ``on_checkpoint`` is called on every rank once a checkpoint is published, with
-    its folder, step, epoch and the evaluation made just before it (None between evaluations)."""
+    its folder, step, epoch and the evaluation made just before it (None between evaluations).
+    When ``stop`` is raised (a scheduler's warning signal), the trial checkpoints after the
+    step under way and raises ``TrialStopped``; running it again resumes there."""
     started = time.perf_counter()
     started_at = time.time()
     dist = dist or DistContext.from_env(cfg.device)
@@ -190,7 +193,7 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
         storage.ensure_writable(cfg.out)
     prior = checkpoint.latest(cfg.out)
     resumed = checkpoint.load(prior) if prior else None
-    changed = _differs(resumed["config"], cfg.to_dict()) if resumed else []
+    changed = _differs(RunConfig.from_dict(resumed["config"]).identity(), cfg.identity()) if resumed else []
     if changed:
         log.warning("resuming %s with changed settings: %s", cfg.out, ", ".join(changed))
 
@@ -228,7 +231,7 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
     bar = progress_bar(total_steps, state.step, cfg.progress, dist.is_main, f"{'+'.join(cfg.data.tasks)}")
     wall_before = state.wall_time_s
 
-    def save_full(evaluation: dict | None = None) -> None:
+    def save_full(evaluation: dict | None = None) -> str:
         state.wall_time_s = wall_before + time.perf_counter() - started
         folder = checkpoint.folder_url(cfg.out, state.step)
         weights = strategy.full_state_dict()
@@ -242,6 +245,7 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
             checkpoint.publish(cfg.out, state.step, cfg.keep_checkpoints)
         if on_checkpoint:
             on_checkpoint({"checkpoint": folder, "step": state.step, "epoch": state.epoch, "evaluation": evaluation})
+        return folder
 
     # 4. Epochs.
     model.train()
@@ -276,10 +280,20 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
                              state.epoch + 1, stats["loss/combined"], speed)
             # Throughput counts the whole step loop but checkpoint writes (storage, not training).
             state.train_time_s += time.perf_counter() - tick
-            if cfg.save_every_steps and state.step % cfg.save_every_steps == 0:
-                save_full()
+            saved = cfg.save_every_steps and state.step % cfg.save_every_steps == 0
+            if saved:
+                folder = save_full()
             if _done(state, cfg):
                 break
+            if stop is not None and stop.requested(dist):
+                # A scheduler wants the resources back: keep every finished step, then leave.
+                if not saved:
+                    folder = save_full()
+                if bar:
+                    bar.close()
+                sink.close()
+                log.warning("stopping %s at step %d on %s", cfg.out, state.step, stop.name)
+                raise TrialStopped(state.step, stop.name, folder)
         if state.step_in_epoch >= len(plan):
             state.epoch += 1
             state.step_in_epoch = 0
@@ -305,7 +319,7 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
         "weights_digest": weights_digest(strategy.full_state_dict()),
     }
     if dist.is_main:
-        sink.hparams(cfg.to_dict(), {k: v for k, v in state.best.get("metrics", {}).items()})
+        sink.hparams(cfg.identity(), {k: v for k, v in state.best.get("metrics", {}).items()})
         storage.write_text(storage.join(cfg.out, "results.json"), json.dumps(results, indent=2))
     sink.close()
     return results
@@ -328,7 +342,7 @@ def _differs(a: dict, b: dict) -> list[str]:
     from mtl.monitor import flatten
 
     fa, fb = flatten(a), flatten(b)
-    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k) and k not in ("progress",))
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 
 def _evaluate_and_keep_best(cfg, model, dev_sets, strategy, dist, state: TrainState, sink) -> dict:

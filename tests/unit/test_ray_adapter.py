@@ -2,6 +2,7 @@
 trial's own folder, on a local path or any fsspec URL (wrapped for pyarrow)."""
 import pyarrow.fs
 
+from cluster.placement import Placement
 from cluster.ray_trial import build_trainer, fs_path, ray_storage
 from mtl.config import RunConfig
 
@@ -19,14 +20,15 @@ def test_fsspec_storage_is_wrapped_for_pyarrow():
 
 
 def test_the_trial_folder_is_rays_run_folder(tmp_path):
-    cfg = RunConfig().replace(out=str(tmp_path / "study" / "sst+para-pcgrad-s0"), **{
-        "parallel.workers": 2, "parallel.cpus_per_worker": 2, "parallel.max_failures": 3})
-    trainer = build_trainer(cfg)
+    cfg = RunConfig().replace(out=str(tmp_path / "study" / "sst+para-pcgrad-s0"), **{"parallel.workers": 2})
+    trainer = build_trainer(cfg, Placement(cpus_per_worker=2, max_failures=3))
     run = trainer.run_config
     assert (run.storage_path, run.name) == (str(tmp_path / "study"), "sst+para-pcgrad-s0")
     assert run.failure_config.max_failures == 3
     assert trainer.scaling_config.num_workers == 2
     assert trainer.scaling_config.resources_per_worker == {"CPU": 2}
+    assert build_trainer(cfg, Placement(gpus_per_worker=0.25)).scaling_config.resources_per_worker == {
+        "CPU": 1, "GPU": 0.25}
     remote = build_trainer(cfg.replace(out="memory://bucket/study/t")).run_config
     assert (remote.storage_path, remote.name) == ("/bucket/study", "t")
     assert isinstance(remote.storage_filesystem, pyarrow.fs.PyFileSystem)

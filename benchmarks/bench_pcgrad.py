@@ -1,8 +1,8 @@
 """Step time and peak memory of PCGrad against loss addition, and of PCGrad's representation
 mode against full PCGrad, side by side on the same model, batches and data.
 
-    .venv/bin/python launch/bench_pcgrad.py                     # embedded MiniLM, sst+para, CPU
-    .venv/bin/python launch/bench_pcgrad.py --device cuda --model bert-base-uncased
+    .venv/bin/python benchmarks/bench_pcgrad.py                     # embedded MiniLM, sst+para, CPU
+    .venv/bin/python benchmarks/bench_pcgrad.py --device cuda --model bert-base-uncased
 
 Each (method, round) runs in its own process, rounds alternating methods, so each peak is
 that method's own (CPU: peak resident memory; CUDA: peak allocated) and machine load hits
@@ -18,9 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = {
     "sum": {"combiner.combiner": "sum"},
     "pcgrad": {"combiner.combiner": "pcgrad"},
@@ -29,7 +27,6 @@ METHODS = {
 
 
 def worker(a) -> None:
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from mtl.config import RunConfig

@@ -1,7 +1,7 @@
 """Scheduling overhead of a Ray Tune sweep, and Ray's startup cost per trial, measured in one run.
 
-    .venv/bin/python launch/bench_sweep.py                           # 4 smoke trials at two sizes
-    .venv/bin/python launch/bench_sweep.py --train-rows 96 --workers 0   # the smoke grid as it is
+    .venv/bin/python benchmarks/bench_sweep.py                           # 4 smoke trials at two sizes
+    .venv/bin/python benchmarks/bench_sweep.py --train-rows 96 --workers 0   # the smoke grid as it is
 
 For each trial size (``--train-rows``, rows per task) it runs the grid on a fresh local Ray
 and a fresh storage folder, then sets side by side:
@@ -25,12 +25,9 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:
@@ -56,8 +53,9 @@ def main(argv=None) -> int:
 def measure(a, train_rows: int) -> dict:
     import ray
 
+    from cluster.placement import Placement
     from cluster.ray_sweep import demand, run_sweep, start_local_ray
-    from launch.grids import expand
+    from cluster.study import expand
     from mtl.config import RunConfig
     from mtl.presets import PRESETS
 
@@ -83,7 +81,7 @@ def measure(a, train_rows: int) -> dict:
         name = t.out.rsplit("/", 1)[-1]
         res = json.loads(Path(t.out, "results.json").read_text())
         timing = json.loads(Path(storage_root, "_ray", "timings", f"{name}.json").read_text())
-        per_trial.append({"trial": name, "cpus": demand(t)[0], "own_s": res["wall_time_s"],
+        per_trial.append({"trial": name, "cpus": demand(t, Placement())[0], "own_s": res["wall_time_s"],
                           "train_s": res["train_time_s"],
                           "startup_s": res["started_at"] - timing["driver_launched_at"],
                           "teardown_s": timing["driver_finished_at"] - res["finished_at"]})

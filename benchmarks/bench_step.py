@@ -1,7 +1,7 @@
 """Training throughput of the library's loop against a minimal hand-written PyTorch loop.
 
-    .venv/bin/python launch/bench_step.py                  # embedded MiniLM, sst+para, batch 8
-    .venv/bin/python launch/bench_step.py --model bert-base-uncased --steps 30
+    .venv/bin/python benchmarks/bench_step.py                  # embedded MiniLM, sst+para, batch 8
+    .venv/bin/python benchmarks/bench_step.py --model bert-base-uncased --steps 30
 
 Both loops train the same encoder and heads, on the same tokenized examples in the same
 order (the library's sampler plan), with the same optimizer; the hand loop does its own
@@ -12,22 +12,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.nn.utils.rnn import pad_sequence  # noqa: E402
-
-from mtl.config import RunConfig  # noqa: E402
-from mtl.data import MultiTaskSampler, encode_split, read_split  # noqa: E402
-from mtl.model import build_model, load_tokenizer  # noqa: E402
-from mtl.tasks import TASKS  # noqa: E402
-from mtl.train import train  # noqa: E402
+from mtl.config import RunConfig
+from mtl.data import MultiTaskSampler, encode_split, read_split
+from mtl.model import build_model, load_tokenizer
+from mtl.tasks import TASKS
+from mtl.train import train
 
 
 def library_run(cfg: RunConfig) -> float:

@@ -1,6 +1,6 @@
 """Cut the small sample of real rows that ships in mtl/sample_data from full task files.
 
-    python launch/make_sample.py --source ../shared/data --train 400 --dev 100
+    python tools/make_sample.py --source ../shared/data --train 400 --dev 100
 
 Rows are drawn at random (seeded) among the well-formed ones and written back in the same
 tab-separated format, header included, so the sample reads exactly like the full data."""
@@ -9,13 +9,10 @@ from __future__ import annotations
 import argparse
 import csv
 import random
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mtl.data import SAMPLE_DIR, _row_problem  # noqa: E402
-from mtl.tasks import TASKS  # noqa: E402
+from mtl.data import SAMPLE_DIR, _row_problem
+from mtl.tasks import TASKS
 
 
 def sample_file(src: Path, dst: Path, task, count: int, rng: random.Random) -> int:

@@ -1,0 +1,349 @@
+"""A study as SLURM job arrays: the array task that runs trials, and the submit side.
+
+In a job (slurm/sweep.sh execs this)::
+
+    python -m cluster.slurm_array --grid pairings --seeds 0 --storage runs/sweep [mtl.train flags]
+
+Array task i expands the grid exactly as the submitter did and runs slot i (trial i, or
+trials [i*k, i*k+k) with ``--trials-per-task k``).  A finished trial exits 0 at once.  Each
+trial's workers are child processes (``python -m cluster.trial``; one per data-parallel
+worker, DDP over the task's CPUs or GPUs), and this process relays signals to them:
+
+- SIGUSR1 (``#SBATCH --signal=B:USR1@120``, or ``scancel --batch --signal=USR1``): the trials
+  finish their step, checkpoint and exit 75; the task then requeues itself (``scontrol requeue
+  $SLURM_JOB_ID``) and, started again, resumes from those checkpoints.
+- SIGTERM (preemption, scancel): the same checkpoint, then exit without requeueing (SLURM
+  requeues a preempted job itself where the partition says so).
+
+On the submit side ``submit_array`` sizes the array to the trials still missing, submits
+slurm/sweep.sh with ``sbatch --parsable`` (one array per distinct resource shape), and with
+``wait`` follows the tasks through squeue and sacct until each has ended.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from mtl import storage
+from mtl.config import RunConfig
+from mtl.errors import ConfigError, MtlError
+from mtl.stop import EXIT_STOPPED
+
+from cluster.placement import Placement
+from cluster.study import (NAMED, absolute, index_ranges, is_finished, results_table, slot_count, slot_trials,
+                           trial_name, write_table)
+
+log = logging.getLogger("cluster.slurm_array")
+SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "sweep.sh"
+# sacct/squeue states after which a task will not run again on its own.
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
+         "PREEMPTED", "REVOKED", "SPECIAL_EXIT"}
+
+
+# ============================================================================================
+# In the job: one array task
+# ============================================================================================
+class TrialProcesses:
+    """The worker processes of the trials one array task runs, and the relay of the
+    scheduler's signals to them."""
+
+    def __init__(self, trials: list[RunConfig]):
+        self.trials = trials
+        self.signum: int | None = None
+        self.procs: dict[str, list[subprocess.Popen]] = {}
+        self.tmp = tempfile.mkdtemp(prefix="mtl-array-task-")
+
+    def start(self) -> None:
+        for cfg in self.trials:
+            path = os.path.join(self.tmp, f"{trial_name(cfg)}.json")
+            with open(path, "w") as fh:
+                json.dump(cfg.to_dict(), fh)
+            world = cfg.parallel.workers
+            port = _free_port() if world > 1 else None
+            self.procs[trial_name(cfg)] = [
+                subprocess.Popen([sys.executable, "-m", "cluster.trial", path], env=_worker_env(rank, world, port))
+                for rank in range(world)]
+        if self.signum is not None:     # a signal that came while the workers were starting
+            self.relay(self.signum, None)
+
+    def relay(self, signum, frame) -> None:
+        self.signum = signum
+        for procs in self.procs.values():
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signum)
+
+    def wait(self) -> dict[str, int]:
+        """Each trial's exit code: 0 when every worker succeeded, else the first failing one's."""
+        try:
+            codes = {name: [p.wait() for p in procs] for name, procs in self.procs.items()}
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return {name: next((c for c in cs if c != 0), 0) for name, cs in codes.items()}
+
+
+def _worker_env(rank: int, world: int, port: int | None) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if world > 1:   # torchrun's variables on one node: DistContext.from_env starts the process group
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def requeue() -> bool:
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        print("error: not in a SLURM job: cannot requeue (run the same command again to resume)", file=sys.stderr)
+        return False
+    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if done.returncode:
+        print(f"error: scontrol requeue {job} failed: {done.stderr.strip() or done.stdout.strip()} "
+              f"(the trials resume from their checkpoints when the task runs again)", file=sys.stderr)
+        return False
+    print(f"requeued job {job}: the trials resume from their checkpoints when it starts again", flush=True)
+    return True
+
+
+def run_task(trials: list[RunConfig], index: int, per_task: int) -> int:
+    group = [trials[i] for i in slot_trials(len(trials), index, per_task)]
+    todo = [t for t in group if not is_finished(t)]
+    env = os.environ
+    print(f"array task {index} (job {env.get('SLURM_ARRAY_JOB_ID', '-')}_{env.get('SLURM_ARRAY_TASK_ID', '-')}, "
+          f"id {env.get('SLURM_JOB_ID', '-')}, restart {env.get('SLURM_RESTART_COUNT', '0')}) on "
+          f"{socket.gethostname()}: {', '.join(trial_name(t) for t in group)}", flush=True)
+    for t in group:
+        if t not in todo:
+            print(f"trial {trial_name(t)} is finished: nothing to do", flush=True)
+    if not todo:
+        return 0
+    procs = TrialProcesses(todo)
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, procs.relay)
+    procs.start()
+    codes = procs.wait()
+    failed = {n: c for n, c in codes.items() if c not in (0, EXIT_STOPPED)}
+    stopped = [n for n, c in codes.items() if c == EXIT_STOPPED]
+    if failed:
+        print(f"error: trial {', '.join(f'{n} exited {c}' for n, c in failed.items())}", file=sys.stderr)
+        return next(iter(failed.values()))
+    if stopped:
+        if procs.signum == signal.SIGUSR1 and requeue():
+            return 0
+        return EXIT_STOPPED
+    return 0
+
+
+def task_main(argv: list[str] | None = None) -> int:
+    from cluster.submit import add_study_flags, trials_from_args
+
+    p = argparse.ArgumentParser(prog="python -m cluster.slurm_array", description="Run one array task of a study.")
+    add_study_flags(p)
+    p.add_argument("--index", type=int, default=None, help="array index (default: $SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--trials-per-task", type=int, default=1, help="trials this task runs side by side")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        trials, root, _ = trials_from_args(args)
+        index = args.index if args.index is not None else _array_index()
+        slot_trials(len(trials), index, args.trials_per_task)      # an index beyond the grid: one line
+        storage.ensure_writable(root)
+    except MtlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return run_task(trials, index, args.trials_per_task)
+
+
+def _array_index() -> int:
+    value = os.environ.get("SLURM_ARRAY_TASK_ID")
+    if value is None:
+        raise ConfigError("no array index: not an array task (SLURM_ARRAY_TASK_ID is unset) and no --index given")
+    return int(value)
+
+
+# ============================================================================================
+# Submitting and following
+# ============================================================================================
+def submit_array(trials: list[RunConfig], root: str, base: RunConfig, placement: Placement,
+                 args: argparse.Namespace, wait: bool = False, script: str | None = None) -> list[dict] | None:
+    """Submit the array tasks whose trials are unfinished and not already queued or running for
+    this storage; with ``wait``, follow them to the end and return the results table."""
+    _need("sbatch")
+    storage.ensure_writable(root)
+    k = placement.trials_per_task
+    live = live_slots(root)
+    todo = [s for s in range(slot_count(len(trials), k))
+            if s not in live and any(not is_finished(trials[i]) for i in slot_trials(len(trials), s, k))]
+    print(f"{len(trials)} trials in {slot_count(len(trials), k)} array tasks: "
+          f"{sum(map(is_finished, trials))} finished, {len(live)} tasks queued or running, {len(todo)} to submit",
+          flush=True)
+    jobs: dict[str, list[int]] = {}
+    if todo:
+        common = _script_args(args, root, base, k)
+        for shape, slots in _by_shape(trials, todo, placement).items():
+            job = _sbatch(slots, shape, root, placement, common, script)
+            jobs[job] = slots
+            print(f"submitted job {job}: array {index_ranges(slots)} ({len(slots)} tasks, "
+                  f"{shape[0]} CPUs and {shape[1]} GPUs each); logs in {_log_dir(root)}", flush=True)
+    if not wait:
+        write_table(root, results_table(trials))
+        if jobs:
+            print(f"follow: squeue -j {','.join(jobs)}; the same command with --wait writes the results table "
+                  f"when they end")
+        return None
+    ended = follow(jobs) if jobs else {}
+    failures = {}
+    for (job, slot), state in ended.items():
+        for i in slot_trials(len(trials), slot, k):
+            if not is_finished(trials[i]):
+                why = "ended without results" if state == "COMPLETED" else state
+                failures[trial_name(trials[i])] = f"SLURM task {job}_{slot} {why} (log {_log_dir(root)})"
+    rows = results_table(trials, failures)
+    write_table(root, rows)
+    return rows
+
+
+def _need(program: str) -> None:
+    if shutil.which(program) is None:
+        raise MtlError(f"{program} is not on PATH: this machine is not a SLURM submit host")
+
+
+def _by_shape(trials: list[RunConfig], slots: list[int], placement: Placement) -> dict[tuple[int, int], list[int]]:
+    """Slots grouped by the (CPUs, GPUs) their job needs: one array per shape, so a 2-GPU trial
+    gets 2 GPUs and a 1-GPU trial does not hold two."""
+    shapes = defaultdict(list)
+    k = placement.trials_per_task
+    for s in slots:
+        needs = [placement.slurm_resources(trials[i]) for i in slot_trials(len(trials), s, k)]
+        shapes[(sum(c for c, _ in needs), sum(g for _, g in needs))].append(s)
+    return dict(shapes)
+
+
+def _script_args(args: argparse.Namespace, root: str, base: RunConfig, per_task: int) -> list[str]:
+    """What every array task needs to expand the very grid the submitter expanded: the grid,
+    seeds, storage and the resolved base config (written once to the storage)."""
+    text = json.dumps(base.to_dict(), sort_keys=True)
+    url = storage.join(root, "_slurm", f"base-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json")
+    if not storage.exists(url):
+        storage.write_text(url, text)
+    grid = args.grid if args.grid in NAMED else absolute(args.grid)
+    return ["--grid", grid, "--seeds", args.seeds, "--storage", root, "--config", url,
+            "--trials-per-task", str(per_task)]
+
+
+def _log_dir(root: str) -> str:
+    """SLURM writes logs to a local path only: the storage's slurm-logs/ when it is a folder,
+    else ./slurm-logs."""
+    return storage.join(root, "slurm-logs") if storage.is_local(root) else os.path.abspath("slurm-logs")
+
+
+def _sbatch(slots: list[int], shape: tuple[int, int], root: str, placement: Placement, script_args: list[str],
+            script: str | None) -> str:
+    cpus, gpus = shape
+    logs = _log_dir(root)
+    os.makedirs(logs, exist_ok=True)   # SLURM fails a job whose log folder is missing (exit 0:53)
+    array = index_ranges(slots) + (f"%{placement.array_parallelism}" if placement.array_parallelism else "")
+    cmd = ["sbatch", "--parsable", f"--array={array}", f"--job-name=mtl-{os.path.basename(root.rstrip('/'))}",
+           f"--comment={_comment(root)}", f"--output={logs}/%x-%A_%a.out", f"--cpus-per-task={cpus}",
+           f"--gres=gpu:{gpus}" if gpus else "--gres=none"]
+    cmd += [f"--{name}={value}" for name, value in (("partition", placement.partition), ("time", placement.time),
+                                                     ("account", placement.account)) if value]
+    cmd += placement.sbatch_args + [script or str(SCRIPT)] + script_args
+    env = dict(os.environ)
+    if placement.setup:
+        env["MTL_SETUP"] = "; ".join(placement.setup)
+        env.pop("MTL_PYTHON", None)
+    else:
+        env["MTL_PYTHON"] = sys.executable     # the jobs use the Python this command runs in
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise MtlError(f"sbatch refused the array: {(done.stderr or done.stdout).strip().splitlines()[-1]}")
+    return done.stdout.strip().split(";")[0]
+
+
+def _comment(root: str) -> str:
+    """Marks a job as this storage's, so a rerun does not submit a task that is still queued."""
+    return "mtl:" + hashlib.sha256(root.encode()).hexdigest()[:16]
+
+
+def live_slots(root: str) -> set[int]:
+    """Array indices of this storage's tasks that are queued or running now."""
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%k|%K|%T"], capture_output=True, text=True)
+    live = set()
+    for line in out.stdout.splitlines():
+        comment, task, state = (line.split("|") + ["", ""])[:3]
+        if comment == _comment(root) and task.isdigit() and state not in ENDED:
+            live.add(int(task))
+    return live
+
+
+def task_states(jobs: dict[str, list[int]]) -> dict[tuple[str, int], str]:
+    """The state of every (array job, index): squeue for tasks still queued or running, sacct
+    for those that left the queue; a task in neither yet counts as PENDING."""
+    ids = ",".join(jobs)
+    queued = subprocess.run(["squeue", "-h", "-r", "-j", ids, "-o", "%F|%K|%T"], capture_output=True, text=True)
+    accounted = subprocess.run(["sacct", "-n", "-P", "-X", "-j", ids, "-o", "JobID,State"], capture_output=True,
+                               text=True)
+    if accounted.returncode:
+        raise MtlError(f"sacct failed ({accounted.stderr.strip()}): following jobs needs SLURM accounting")
+    states = {}
+    for line in accounted.stdout.splitlines():
+        job_id, _, state = line.partition("|")
+        m = re.fullmatch(r"(\d+)_(\d+|\[[^\]]*\])", job_id)
+        if m:
+            for i in _indices(m.group(2)):
+                states[(m.group(1), i)] = state.split()[0] if state else "PENDING"
+    for line in queued.stdout.splitlines():
+        job, task, state = (line.split("|") + ["", ""])[:3]
+        if task.isdigit():
+            states[(job, int(task))] = state
+    return {(job, i): states.get((job, i), "PENDING") for job, slots in jobs.items() for i in slots}
+
+
+def _indices(spec: str) -> list[int]:
+    """'7' or '[0-3,5%2]' as indices."""
+    spec = spec.strip("[]").split("%")[0]
+    out = []
+    for part in spec.split(","):
+        a, _, b = part.partition("-")
+        out += list(range(int(a), int(b or a) + 1))
+    return out
+
+
+def follow(jobs: dict[str, list[int]], poll_s: float = 2.0) -> dict[tuple[str, int], str]:
+    """Poll until every task has ended, printing a progress line whenever the counts change
+    (and every minute); returns each task's final state."""
+    started, last, shown_at = time.monotonic(), None, 0.0
+    while True:
+        states = task_states(jobs)
+        counts = Counter(states.values())
+        line = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        now = time.monotonic()
+        if line != last or now - shown_at > 60:
+            print(f"[{now - started:6.0f} s] {len(states)} array tasks: {line}", flush=True)
+            last, shown_at = line, now
+        if all(s in ENDED for s in states.values()):
+            return states
+        time.sleep(poll_s)
+
+
+if __name__ == "__main__":
+    raise SystemExit(task_main())

@@ -1,0 +1,247 @@
+"""The study, independent of where its trials run: grids expanded into trials with one naming
+rule, whether a trial is finished, the results table, and which trials a batch slot runs.
+
+Ray Tune, SLURM job arrays and submitit only place the trials this module lists; none of that
+is imported here, so the SLURM path works on a machine where Ray is not even installed.
+
+YAML grid (every axis is crossed with every other; any RunConfig field may be an axis or a
+fixed override, by dotted path or bare field name)::
+
+    axes:
+      seed: [0, 1, 2]
+      tasks: [sst, "sst,para", "para,sts"]
+      combiner: [sum, scalarize, pcgrad]
+      alpha: [0.2, 0.5, 0.8]        # only varies scalarize trials; others are not repeated
+      optim.lr: [1e-5, 2e-5]
+    fixed:
+      optim.epochs: 3
+"""
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import math
+import os
+
+from mtl import storage
+from mtl.config import RunConfig
+from mtl.errors import ConfigError
+from mtl.monitor import flatten
+
+RESULTS = "results.json"
+SINGLES = ["sst", "para", "sts"]
+PAIRS = ["sst,para", "sst,sts", "para,sts"]
+ALPHAS = [round(0.1 * i, 1) for i in range(1, 10)]
+
+
+# --------------------------------------------------------------------------------------------
+# Grids
+# --------------------------------------------------------------------------------------------
+def pairings_axes() -> list[dict]:
+    """The reference study: single-task baselines, and every pair x {addition, alpha 0.1..0.9, PCGrad}."""
+    trials = [{"data.tasks": t, "combiner.combiner": "sum"} for t in SINGLES]
+    for pair in PAIRS:
+        trials.append({"data.tasks": pair, "combiner.combiner": "sum"})
+        trials += [{"data.tasks": pair, "combiner.combiner": "scalarize", "combiner.alpha": a} for a in ALPHAS]
+        trials.append({"data.tasks": pair, "combiner.combiner": "pcgrad"})
+    return trials
+
+
+def weighting_axes() -> list[dict]:
+    """All three tasks under every combination method."""
+    return [{"data.tasks": "sst,para,sts", "combiner.combiner": c, **extra} for c, extra in (
+        ("sum", {}), ("scalarize", {"combiner.weights": "0.3333333333,0.3333333333,0.3333333334"}),
+        ("pcgrad", {}), ("uncertainty", {}), ("dtp", {}))]
+
+
+def smoke_axes() -> list[dict]:
+    """A few short trials for a laptop: two single tasks, a pair by addition, and the pair by
+    PCGrad on 2 data-parallel workers."""
+    return [{"data.tasks": "sst", "combiner.combiner": "sum"},
+            {"data.tasks": "para", "combiner.combiner": "sum"},
+            {"data.tasks": "sst,para", "combiner.combiner": "sum"},
+            {"data.tasks": "sst,para", "combiner.combiner": "pcgrad", "parallel.workers": 2}]
+
+
+NAMED = {"pairings": pairings_axes, "weighting": weighting_axes, "smoke": smoke_axes}
+
+
+def yaml_axes(path: str) -> tuple[list[dict], dict]:
+    import yaml
+
+    try:
+        spec = yaml.safe_load(storage.read_text(path)) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    unknown = set(spec) - {"axes", "fixed"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {sorted(unknown)[0]!r} (expected axes, fixed)")
+    axes = spec.get("axes") or {}
+    for key, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: axes.{key} must be a non-empty list")
+    names = list(axes)
+    return [dict(zip(names, combo)) for combo in itertools.product(*(axes[n] for n in names))], spec.get("fixed") or {}
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds: {text!r} is not a comma-separated list of integers") from None
+    if not seeds:
+        raise ConfigError("--seeds: at least one seed is needed")
+    return seeds
+
+
+def absolute(path: str) -> str:
+    """Local relative paths made absolute: trials run in other processes, on other nodes, in
+    other working directories.  URLs and the embedded defaults are left as they are."""
+    if not path or ":" in path.split("/", 1)[0] or not storage.is_local(path):
+        return path
+    return os.path.abspath(path)
+
+
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    model = cfg.model.model
+    if os.path.exists(model):      # a hub name stays a hub name
+        model = os.path.abspath(model)
+    return cfg.replace(**{"out": absolute(cfg.out), "data.data_dir": absolute(cfg.data.data_dir),
+                          "data.cache_dir": absolute(cfg.data.cache_dir), "model.model": model})
+
+
+def expand(grid: str, base: RunConfig, storage_root: str, seeds: list[int]) -> list[RunConfig]:
+    """RunConfigs for a grid, each with out=<storage_root>/<trial name>, in a stable order: the
+    same arguments give the same list on every machine, which is what lets a SLURM array task
+    find its trial by index."""
+    base = with_absolute_paths(base)
+    storage_root = absolute(storage_root)
+    if grid in NAMED:
+        combos, fixed = NAMED[grid](), {}
+        combos = [{**c, "seed": s} for s in seeds for c in combos]
+    else:
+        combos, fixed = yaml_axes(grid)
+        if not any("seed" in c for c in combos):
+            combos = [{**c, "seed": s} for s in seeds for c in combos]
+    trials, seen = [], {}
+    for combo in combos:
+        cfg = base.replace(**fixed, **combo)
+        if cfg.combiner.combiner != "scalarize":      # alpha means nothing to other methods
+            cfg = cfg.replace(**{"combiner.alpha": 0.5, "combiner.weights": ""})
+        key = cfg.fingerprint()
+        if key in seen:
+            continue
+        name = _compose_name(cfg, combo)
+        if name in seen.values():
+            name = f"{name}-{key[:6]}"
+        seen[key] = name
+        trials.append(cfg.replace(out=storage.join(storage_root, name)))
+    return trials
+
+
+# Axes the name already shows (tasks, method, alpha, seed) or leaves out (workers).
+SHORT = {"parallel.workers", "data.tasks", "tasks", "combiner.combiner", "combiner", "seed",
+         "combiner.alpha", "alpha", "combiner.weights", "weights"}
+
+
+def _compose_name(cfg: RunConfig, varied: dict) -> str:
+    """<tasks>-<method>[-a<alpha>][-<other varied axes>]-s<seed>, e.g. sst+para-scalarize-a0.3-s0."""
+    parts = ["+".join(cfg.data.tasks), cfg.combiner.combiner]
+    if cfg.combiner.combiner == "scalarize" and len(cfg.data.tasks) == 2 and not cfg.combiner.weights:
+        parts.append(f"a{cfg.combiner.alpha:g}")
+    for key, value in sorted(varied.items()):
+        if key not in SHORT:
+            parts.append(f"{key.rsplit('.', 1)[-1]}{value}")
+    parts.append(f"s{cfg.seed}")
+    return "-".join(str(p).replace("/", "_").replace(" ", "") for p in parts)
+
+
+def trial_name(cfg: RunConfig) -> str:
+    """A trial's name: the last part of its run folder, given by ``expand``."""
+    return cfg.out.rstrip("/").rsplit("/", 1)[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# Done-ness and the results table
+# --------------------------------------------------------------------------------------------
+def is_finished(cfg: RunConfig) -> bool:
+    return storage.exists(storage.join(cfg.out, RESULTS))
+
+
+def read_results(cfg: RunConfig) -> dict:
+    return json.loads(storage.read_text(storage.join(cfg.out, RESULTS)))
+
+
+def results_table(trials: list[RunConfig], failures: dict[str, str] | None = None) -> list[dict]:
+    """One row per trial: name, status, the settings that vary across the grid (what the
+    trials compute, never where they ran), best dev metrics.  ``failures`` maps a trial name
+    to why its launcher saw it end unfinished (a failed or cancelled job)."""
+    failures = failures or {}
+    configs = [flatten(t.identity()) for t in trials]
+    varied = sorted(k for k in configs[0] if len({json.dumps(c[k]) for c in configs}) > 1)
+    rows = []
+    for cfg, flat in zip(trials, configs):
+        name = trial_name(cfg)
+        row = {"trial": name, "status": "missing"}
+        row.update({k: _cell(flat[k]) for k in varied})
+        if is_finished(cfg):
+            res = read_results(cfg)
+            row.update(status="done", best_epoch=res["best"].get("epoch"), steps=res["steps"],
+                       wall_time_s=round(res["wall_time_s"], 2), train_time_s=round(res["train_time_s"], 2),
+                       examples_per_s=round(res["examples_per_s"], 2), world_size=res["world_size"],
+                       **{f"dev/{k}": v for k, v in res["best"].get("metrics", {}).items()})
+        elif name in failures:
+            row.update(status="failed", error=failures[name])
+        rows.append(row)
+    return rows
+
+
+def _cell(value):
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+
+
+def write_table(storage_root: str, rows: list[dict]) -> None:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_text(storage.join(storage_root, "results.csv"), buf.getvalue())
+    storage.write_text(storage.join(storage_root, "results.json"), json.dumps(rows, indent=2))
+
+
+# --------------------------------------------------------------------------------------------
+# Batch slots: which trials one array task runs
+# --------------------------------------------------------------------------------------------
+def slot_count(n_trials: int, per_slot: int = 1) -> int:
+    return math.ceil(n_trials / per_slot)
+
+
+def slot_trials(n_trials: int, index: int, per_slot: int = 1) -> list[int]:
+    """Trial indices that batch slot ``index`` runs: trials [index*k, index*k + k).  With k = 1
+    (the default) array task i runs trial i; k > 1 packs k consecutive trials into one task
+    (for small trials that share a GPU)."""
+    slots = slot_count(n_trials, per_slot)
+    if not 0 <= index < slots:
+        what = "trials" if per_slot == 1 else f"trials in {slots} tasks of {per_slot}"
+        raise ConfigError(f"array index {index} is beyond the grid: {n_trials} {what}, so indices 0-{slots - 1}")
+    return list(range(index * per_slot, min(n_trials, (index + 1) * per_slot)))
+
+
+def index_ranges(indices: list[int]) -> str:
+    """SLURM's array syntax for a set of indices: [0, 1, 2, 5, 7, 8] -> '0-2,5,7-8'."""
+    parts, run = [], []
+    for i in sorted(set(indices)):
+        if run and i != run[-1] + 1:
+            parts.append(_range(run))
+            run = []
+        run.append(i)
+    if run:
+        parts.append(_range(run))
+    return ",".join(parts)
+
+
+def _range(run: list[int]) -> str:
+    return str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}"
