@@ -21,6 +21,7 @@ import time
 
 from mtl import storage
 from mtl.config import RunConfig
+from mtl.errors import MtlError
 
 from cluster.placement import Placement
 from cluster.ray_trial import GPU_DEFAULT, ray_storage
@@ -82,6 +83,20 @@ def start_local_ray(verbose: int) -> None:
              resources={CPU_BUDGET: cpus, **({GPU_BUDGET: gpus} if gpus else {})})
 
 
+def await_nodes(count: int, timeout_s: float = 300.0) -> None:
+    """Wait until ``count`` nodes are alive: workers of a cluster started together join the
+    head a few seconds apart, and Tune sizes its concurrency from what has joined."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while (alive := sum(n["Alive"] for n in ray.nodes())) < count:
+        if time.monotonic() > deadline:
+            raise MtlError(f"only {alive} of {count} Ray nodes joined within {timeout_s:.0f} s")
+        time.sleep(1)
+    if count:
+        log.info("%d Ray nodes alive", alive)
+
+
 def _driver(config: dict, trials: dict, placement: Placement, storage_root: str) -> None:
     """One Tune trial: fit the trial's TorchTrainer, forwarding its reports to Tune."""
     from ray import tune
@@ -100,7 +115,7 @@ def _driver(config: dict, trials: dict, placement: Placement, storage_root: str)
 
 
 def run_sweep(trials: list[RunConfig], storage_root: str, placement: Placement | None = None,
-              address: str | None = None, verbose: int = 1) -> list[dict]:
+              address: str | None = None, verbose: int = 1, wait_for_nodes: int = 0) -> list[dict]:
     import ray
     from ray import tune
     from ray.tune import PlacementGroupFactory
@@ -117,6 +132,7 @@ def run_sweep(trials: list[RunConfig], storage_root: str, placement: Placement |
         if not ray.is_initialized():
             if address:
                 ray.init(address=address, include_dashboard=False, log_to_driver=verbose > 1)
+                await_nodes(wait_for_nodes)
             else:
                 start_local_ray(verbose)
         cluster = ray.cluster_resources()
@@ -139,7 +155,6 @@ def run_sweep(trials: list[RunConfig], storage_root: str, placement: Placement |
     write_table(storage_root, rows)
     log.info("sweep of %d trials done in %.1f s", len(trials), time.perf_counter() - started)
     return rows
-
 
 
 def _first_line(error: BaseException) -> str:

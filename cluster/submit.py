@@ -57,6 +57,8 @@ def build_parser(backend: str | None) -> argparse.ArgumentParser:
     if backend in (None, "ray"):
         p.add_argument("--address", default=None, help="Ray cluster: 'auto', 'host:port', 'ray://host:port' "
                                                         "(default: start a local Ray with this machine's CPUs and GPUs)")
+        p.add_argument("--wait-for-nodes", type=int, default=0, metavar="N",
+                       help="with --address: wait (up to 5 minutes) until N nodes have joined the cluster")
     if backend in (None, "slurm", "submitit"):
         p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=None,
                        help="follow the jobs until every trial ended, then write the results table "
@@ -89,7 +91,7 @@ def run_backend(trials: list[RunConfig], root: str, base: RunConfig, placement: 
     if args.backend == "ray":
         from cluster.ray_sweep import run_sweep
 
-        return run_sweep(trials, root, placement, address=args.address)
+        return run_sweep(trials, root, placement, address=args.address, wait_for_nodes=args.wait_for_nodes)
     if args.backend == "slurm":
         from cluster.slurm_array import submit_array
 
@@ -133,3 +135,7 @@ def main(argv: list[str] | None = None, backend: str | None = None) -> int:
     print(f"{done}/{len(rows)} trials done" + (f", {len(failed)} failed ({', '.join(failed)})" if failed else "")
           + f"; table: {root.rstrip('/')}/results.csv")
     return 0 if done == len(rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

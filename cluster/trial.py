@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from typing import Callable
 
 from mtl import storage
@@ -36,14 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cluster.trial", description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="the trial's RunConfig as JSON (a file or fsspec URL)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    main_rank = os.environ.get("RANK", "0") == "0"     # the other ranks say only what goes wrong
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def work() -> int:
         from mtl.train import check_run
 
         cfg = RunConfig.from_dict(json.loads(storage.read_text(args.config)))
         check_run(cfg)
-        print_summary(cfg, run_trial(cfg, stop=StopSignal().install()))
+        results = run_trial(cfg, stop=StopSignal().install())
+        if main_rank:
+            print_summary(cfg, results)
         return 0
     return guarded(work)
 

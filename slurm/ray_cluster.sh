@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=mtl-ray
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gres=gpu:1
+#SBATCH --cpus-per-task=4
+#SBATCH --time=12:00:00
+#SBATCH --output=runs/sweep/slurm-logs/%x-%j.out
+#
+# A Ray cluster inside one SLURM allocation, and a study grid run on it through Ray Tune.
+#
+# Submit from the project root (the log folder above is relative to it):
+#
+#   sbatch slurm/ray_cluster.sh --grid pairings --gpus-per-worker 1            # one node, its GPU
+#   sbatch --nodes=4 --gres=gpu:8 --cpus-per-task=64 slurm/ray_cluster.sh \
+#       --grid pairings --seeds 0,1,2 --storage /shared/study --preset paper --model bert-base-uncased \
+#       --gpus-per-worker 1 --cpus-per-worker 4
+#   sbatch --gres=none slurm/ray_cluster.sh --grid smoke --preset smoke --storage runs/smoke-ray   # CPU only
+#
+# Arguments are launch/ray_submit.py's (grid, seeds, storage, placement and every mtl.train flag);
+# --address is set here.  The first node runs the Ray head, every other node a worker (one srun
+# step per node, each with its CPUs and GPUs and the mtl_cpus/mtl_gpus budget resources that let
+# Tune start exactly the trials that fit).  Ports come from a range of 200 chosen by the job id,
+# and Ray's files go to /tmp/ray-<job id>, so two jobs sharing a node do not collide.  When the
+# sweep ends, or the job is cancelled or times out, every Ray process of this job is stopped on
+# every node; nothing of Ray outlives the job.  Storage must be a shared folder or fsspec URL.
+#
+# Environment: as slurm/sweep.sh (MTL_PYTHON, or MTL_SETUP, or the project's .venv/bin/python).
+set -euo pipefail
+
+if [ -n "${MTL_SETUP:-}" ]; then
+    eval "$MTL_SETUP"
+fi
+python=${MTL_PYTHON:-}
+if [ -z "$python" ]; then
+    if [ -z "${MTL_SETUP:-}" ] && [ -x "${SLURM_SUBMIT_DIR:-.}/.venv/bin/python" ]; then
+        python=${SLURM_SUBMIT_DIR:-.}/.venv/bin/python
+    else
+        python=python3
+    fi
+fi
+if ! "$python" -c 'import cluster.submit, ray' 2>/dev/null; then
+    echo "error: $python cannot import this project and ray: set MTL_PYTHON to the environment's python," \
+         "or MTL_SETUP to the line that activates it" >&2
+    exit 2
+fi
+ray=("$python" -m ray.scripts.scripts)
+
+mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+head=${nodes[0]}
+head_ip=$(getent hosts "$head" | awk '{print $1; exit}')
+head_ip=${head_ip:-$head}
+base=$((10000 + (SLURM_JOB_ID % 250) * 200))
+port=$base
+tmp=/tmp/ray-$SLURM_JOB_ID             # short: Ray's socket paths must fit in 107 bytes
+cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
+gpus=0
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ] && [ "${CUDA_VISIBLE_DEVICES}" != "NoDevFiles" ]; then
+    gpus=$(awk -F, '{print NF}' <<<"$CUDA_VISIBLE_DEVICES")
+fi
+budget="{\"mtl_cpus\": $cpus}"
+if [ "$gpus" -gt 0 ]; then budget="{\"mtl_cpus\": $cpus, \"mtl_gpus\": $gpus}"; fi
+ports=(--node-manager-port=$((base + 6)) --object-manager-port=$((base + 7)) --ray-client-server-port=$((base + 1))
+       --dashboard-agent-listen-port=$((base + 2)) --dashboard-agent-grpc-port=$((base + 3))
+       --runtime-env-agent-port=$((base + 4)) --metrics-export-port=$((base + 5))
+       --min-worker-port=$((base + 10)) --max-worker-port=$((base + 199)))
+common=(--block --num-cpus="$cpus" --num-gpus="$gpus" --resources="$budget" --temp-dir="$tmp"
+        --include-dashboard=false --disable-usage-stats "${ports[@]}")
+steps=()
+
+cleanup() {
+    trap - EXIT INT TERM
+    echo "stopping Ray on ${#nodes[@]} node(s)"
+    # The srun steps forward SIGTERM to `ray start --block`, which stops its node's Ray; then
+    # anything of this job's Ray still alive (found by its temp folder) is killed, node by node.
+    for pid in "${steps[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${steps[@]}"; do wait "$pid" 2>/dev/null || true; done
+    # ([/] keeps the pattern from matching the command line of the shell that runs pkill.)
+    srun --overlap --nodes="${#nodes[@]}" --ntasks="${#nodes[@]}" --ntasks-per-node=1 \
+        bash -c "pkill -KILL -f -- '[/]tmp/ray-$SLURM_JOB_ID/'; rm -rf '$tmp'" 2>/dev/null || true
+}
+trap cleanup EXIT
+trap 'exit 143' INT TERM
+
+echo "Ray head on $head ($head_ip:$port), ${#nodes[@]} node(s), $cpus CPUs and $gpus GPUs each, temp $tmp"
+srun --overlap --nodes=1 --ntasks=1 -w "$head" "${ray[@]}" start --head --node-ip-address="$head_ip" \
+    --port="$port" "${common[@]}" &
+steps+=($!)
+if [ "${#nodes[@]}" -gt 1 ]; then
+    sleep 5
+    workers=$(( ${#nodes[@]} - 1 ))
+    srun --overlap --nodes="$workers" --ntasks="$workers" --ntasks-per-node=1 --exclude="$head" \
+        "${ray[@]}" start --address="$head_ip:$port" "${common[@]}" &
+    steps+=($!)
+fi
+export RAY_ADDRESS="$head_ip:$port"
+"$python" -m cluster.submit --backend ray --address "$RAY_ADDRESS" --wait-for-nodes "${#nodes[@]}" "$@"
