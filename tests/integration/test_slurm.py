@@ -1,0 +1,288 @@
+"""The SLURM paths on a real one-node SLURM cluster with accounting (slurm/local_cluster.sh):
+slurm/sweep.sh arrays by hand and through launch/slurm_submit.py, preemption and requeue,
+submitit, Ray inside an allocation, cancelled jobs, and bad input.  The node offers 2 CPUs and 2
+"gpu" slots with no CUDA behind them; trials train the tiny model on CPU."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slurm]
+ROOT = Path(__file__).resolve().parents[2]
+TRIAL = ["--max-length", "32", "--max-dev-rows", "8", "--batch-size", "4", "--progress", "off"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm_cluster():
+    up = subprocess.run(["bash", str(ROOT / "slurm" / "local_cluster.sh"), "status"], capture_output=True, text=True)
+    if up.returncode != 0:
+        pytest.fail("no SLURM cluster answers here: start one with `bash slurm/local_cluster.sh start` (root), "
+                    "or deselect these tests with -m 'not slurm'")
+
+
+@pytest.fixture
+def env():
+    """The environment jobs inherit (sbatch exports it): this Python, one thread per trial so that
+    runs compare bit for bit."""
+    return {**os.environ, "MTL_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def tiny(model: str, rows: int = 16, epochs: int = 1) -> list[str]:
+    return ["--model", model, "--max-train-rows", str(rows), "--epochs", str(epochs), *TRIAL]
+
+
+def sbatch(args: list[str], env: dict) -> str:
+    done = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().split(";")[0]
+
+
+def states(job: str) -> dict[int, str]:
+    from cluster.slurm_array import task_states
+
+    out = subprocess.run(["squeue", "-h", "-r", "-j", job, "-o", "%K"], capture_output=True, text=True).stdout
+    acct = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job, "-o", "JobID"], capture_output=True, text=True).stdout
+    idx = {int(x) for x in re.findall(r"_(\d+)\b", acct)} | {int(x) for x in out.split() if x.isdigit()}
+    return {i: s for (_, i), s in task_states({job: sorted(idx) or [0]}).items()}
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.25):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def wait_ended(job: str, timeout: float = 240) -> dict[int, str]:
+    from cluster.slurm_array import ENDED
+
+    return wait_for(lambda: (s := states(job)) and all(v in ENDED for v in s.values()) and s, timeout,
+                    f"job {job} to end")
+
+
+def results(folder: Path) -> dict:
+    return json.loads((folder / "results.json").read_text())
+
+
+def helper(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "launch" / "slurm_submit.py"), *args], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=timeout)
+
+
+# --------------------------------------------------------------------------------------------
+def test_sweep_script_by_hand_then_the_helper_finds_every_trial_done(tiny_model_dir, tmp_path, env):
+    """`sbatch slurm/sweep.sh` as its header says, on the 4-trial smoke grid (one trial of 2 DDP
+    workers): every task COMPLETED, one row per trial; the helper then submits nothing."""
+    store, logs = tmp_path / "study", tmp_path / "logs"
+    logs.mkdir()
+    count = helper(["--grid", "smoke", "--storage", str(store), "--count", *tiny(tiny_model_dir)], env)
+    assert count.returncode == 0 and count.stdout.strip() == "4"
+    started = time.monotonic()
+    job = sbatch(["--array=0-3", "--gres=none", "--cpus-per-task=1", f"--output={logs}/%x-%A_%a.out",
+                  "slurm/sweep.sh", "--grid", "smoke", "--storage", str(store), *tiny(tiny_model_dir)], env)
+    final = wait_ended(job)
+    print(f"4-task array, submit to all COMPLETED: {time.monotonic() - started:.1f} s")
+    assert final == {0: "COMPLETED", 1: "COMPLETED", 2: "COMPLETED", 3: "COMPLETED"}
+    assert results(store / "sst+para-pcgrad-s0")["world_size"] == 2
+
+    again = helper(["--grid", "smoke", "--storage", str(store), "--gpus-per-worker", "0", "--wait",
+                    *tiny(tiny_model_dir)], env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "4 trials in 4 array tasks: 4 finished, 0 tasks queued or running, 0 to submit" in again.stdout
+    rows = json.loads((store / "results.json").read_text())
+    assert [(r["trial"], r["status"]) for r in rows] == [
+        ("sst-sum-s0", "done"), ("para-sum-s0", "done"), ("sst+para-sum-s0", "done"), ("sst+para-pcgrad-s0", "done")]
+    # Finished trials are never run again, even when their array task runs again.
+    stamp = (store / "sst-sum-s0" / "results.json").stat().st_mtime
+    rerun = sbatch(["--array=0", "--gres=none", "--cpus-per-task=1", f"--output={logs}/rerun-%A_%a.out",
+                    "slurm/sweep.sh", "--grid", "smoke", "--storage", str(store), *tiny(tiny_model_dir)], env)
+    assert wait_ended(rerun) == {0: "COMPLETED"}
+    assert (store / "sst-sum-s0" / "results.json").stat().st_mtime == stamp
+    assert "trial sst-sum-s0 is finished: nothing to do" in next(logs.glob("rerun-*")).read_text()
+
+
+def test_the_helper_submits_what_is_missing_and_follows_it(tiny_model_dir, tmp_path, env):
+    store = tmp_path / "study"
+    grid = tmp_path / "grid.yaml"
+    grid.write_text('axes:\n  tasks: [sst, "sst,para", para]\n')
+    args = ["--grid", str(grid), "--storage", str(store), "--gpus-per-worker", "0", "--wait", *tiny(tiny_model_dir)]
+    first = helper(args, env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "3 trials in 3 array tasks: 0 finished, 0 tasks queued or running, 3 to submit" in first.stdout
+    assert re.search(r"array tasks: 3 COMPLETED", first.stdout) and "3/3 trials done" in first.stdout
+    job = re.search(r"submitted job (\d+)", first.stdout).group(1)
+    assert wait_ended(job) == {0: "COMPLETED", 1: "COMPLETED", 2: "COMPLETED"}
+    assert sorted(p.name for p in (store / "slurm-logs").iterdir()) == [f"mtl-study-{job}_{i}.out" for i in range(3)]
+    # One trial lost: a rerun submits exactly that one, as array index 1.
+    (store / "sst+para-sum-s0" / "results.json").unlink()
+    second = helper(args, env)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "2 finished, 0 tasks queued or running, 1 to submit" in second.stdout
+    assert re.search(r"submitted job \d+: array 1 \(1 tasks", second.stdout)
+    assert [r["status"] for r in json.loads((store / "results.json").read_text())] == ["done"] * 3
+
+
+def test_preemption_signal_requeues_and_the_trial_resumes_to_the_uninterrupted_result(tiny_model_dir, tmp_path, env):
+    """USR1 to the batch step (as --signal=B:USR1@120 sends it): the trial checkpoints after its
+    step, the task requeues itself, starts again and resumes; the end equals an uninterrupted run."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text('axes:\n  tasks: ["sst,para"]\n')
+    trial = ["--grid", str(grid), "--gpus-per-worker", "0", *tiny(tiny_model_dir, rows=200, epochs=12)]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert helper(["--storage", str(whole), *trial], env).returncode == 0
+    submitted = helper(["--storage", str(cut), *trial], env)
+    assert submitted.returncode == 0, submitted.stderr
+    job = re.search(r"submitted job (\d+)", submitted.stdout).group(1)
+    wait_for(lambda: (cut / "sst+para-sum-s0" / "checkpoints" / "latest.json").exists(), 120, "a first checkpoint")
+    signalled = time.monotonic()
+    subprocess.run(["scancel", "--batch", "--signal=USR1", f"{job}_0"], check=True)
+    wait_for(lambda: states(job).get(0) == "PENDING", 60, "the requeued task to be pending")
+    requeued = time.monotonic()
+    # SLURM holds a requeued job ~120 s (BeginTime); release it at once (>= 1 s after the requeue).
+    time.sleep(1.2)
+    subprocess.run(["scontrol", "update", f"JobId={job}_0", "StartTime=now"], check=True)
+    assert wait_ended(job) == {0: "COMPLETED"}
+    log = (cut / "slurm-logs" / f"mtl-cut-{job}_0.out").read_text()
+    stop = int(re.search(r"stopped: SIGUSR1 at step (\d+): checkpoint", log).group(1))
+    assert re.search(rf"resumed \S+ at step {stop} ", log), log[-3000:]
+    assert "restart 1)" in log and f"requeued job {job}" in log
+    resumed_at = re.search(r"(\d\d:\d\d:\d\d,\d+) INFO mtl.train: resumed", log).group(1)
+    print(f"USR1 -> PENDING {requeued - signalled:.1f} s; resumed log line at {resumed_at}")
+    wait_for(lambda: (whole / "sst+para-sum-s0" / "results.json").exists(), 240, "the uninterrupted run")
+    a, b = results(whole / "sst+para-sum-s0"), results(cut / "sst+para-sum-s0")
+    assert b["resumed_from_steps"] == [stop] and a["resumed_from_steps"] == []
+    assert a["steps"] == b["steps"] == 600
+    assert a["weights_digest"] == b["weights_digest"]
+    assert [e["metrics"] for e in a["epochs"]] == [e["metrics"] for e in b["epochs"]]
+
+
+def test_a_cancelled_array_is_reported_failed_within_seconds(tiny_model_dir, tmp_path, env):
+    store = tmp_path / "study"
+    grid = tmp_path / "grid.yaml"
+    grid.write_text('axes:\n  tasks: [sst]\n')
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "slurm_submit.py"), "--grid", str(grid),
+                             "--storage", str(store), "--gpus-per-worker", "0", "--wait",
+                             *tiny(tiny_model_dir, rows=200, epochs=200)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    wait_for(lambda: (store / "sst-sum-s0" / "checkpoints" / "latest.json").exists(), 120, "the trial to train")
+    job = re.search(r"mtl-study-(\d+)_0", " ".join(os.listdir(store / "slurm-logs"))).group(1)
+    cancelled = time.monotonic()
+    subprocess.run(["scancel", job], check=True)
+    out, err = proc.communicate(timeout=60)
+    print(f"scancel -> helper exit: {time.monotonic() - cancelled:.1f} s")
+    assert time.monotonic() - cancelled < 30
+    assert proc.returncode == 1, err[-2000:]
+    assert "0/1 trials done, 1 failed (sst-sum-s0)" in out
+    (row,) = json.loads((store / "results.json").read_text())
+    assert row["status"] == "failed" and row["error"].startswith(f"SLURM task {job}_0 CANCELLED")
+
+
+def test_bad_input_fails_the_task_at_once_with_one_line(tiny_model_dir, tmp_path, env):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    base = ["--gres=none", "--cpus-per-task=1", "slurm/sweep.sh", "--grid", "smoke", *tiny(tiny_model_dir)]
+    beyond = sbatch(["--array=4", f"--output={logs}/beyond-%A_%a.out", *base, "--storage", str(tmp_path / "s")], env)
+    unwritable = sbatch(["--array=0", f"--output={logs}/unwritable-%A_%a.out", *base, "--storage", "/proc/mtl-study"],
+                        env)
+    no_env = sbatch(["--array=0", f"--output={logs}/noenv-%A_%a.out", *base, "--storage", str(tmp_path / "s")],
+                    {**env, "MTL_PYTHON": "/nonexistent/python"})
+    for job in (beyond, unwritable, no_env):
+        assert list(wait_ended(job, timeout=60).values()) == ["FAILED"]
+    lines = {name: [line for line in next(logs.glob(f"{name}-*")).read_text().splitlines() if line.strip()]
+             for name in ("beyond", "unwritable", "noenv")}
+    assert lines["beyond"][-1] == "error: array index 4 is beyond the grid: 4 trials, so indices 0-3"
+    assert lines["unwritable"][-1].startswith("error: storage /proc/mtl-study is not writable")
+    assert lines["noenv"] == ["error: /nonexistent/python cannot import this project (cluster.slurm_array): set "
+                              "MTL_PYTHON to the environment's python, or MTL_SETUP to the line that activates it"]
+    # The helper checks the storage before it submits anything.
+    refused = helper(["--grid", "smoke", "--storage", "/proc/mtl-study", *tiny(tiny_model_dir)], env)
+    assert refused.returncode == 2 and refused.stderr.strip().startswith("error: storage /proc/mtl-study is not writable")
+
+
+def test_submitit_runs_the_grid_on_slurm_and_a_preempted_job_resumes(tiny_model_dir, tmp_path, env):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text('axes:\n  tasks: [sst, "sst,para"]\n')
+    store = tmp_path / "study"
+    run = subprocess.run([sys.executable, str(ROOT / "launch" / "submitit_sweep.py"), "--grid", str(grid),
+                          "--storage", str(store), "--cluster", "slurm", "--gpus-per-worker", "0",
+                          *tiny(tiny_model_dir)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2/2 trials done" in run.stdout and "2/2 jobs ended" in run.stdout
+    rows = json.loads((store / "results.json").read_text())
+    assert [(r["trial"], r["status"]) for r in rows] == [("sst-sum-s0", "done"), ("sst+para-sum-s0", "done")]
+
+    # Preemption: submitit's USR2 -> checkpoint() resubmits -> the trial resumes from its own checkpoint.
+    from cluster.placement import Placement
+    from cluster.submitit_sweep import follow, submit
+    from mtl.config import RunConfig
+
+    cfg = RunConfig().replace(out=str(tmp_path / "pre" / "cut"), progress="off", **{
+        "model.model": tiny_model_dir, "model.max_length": 32, "data.tasks": "sst,sts", "data.max_train_rows": 200,
+        "data.max_dev_rows": 8, "optim.batch_size": 4, "optim.epochs": 12})
+    whole = cfg.replace(out=str(tmp_path / "pre" / "whole"))
+    os.environ["OMP_NUM_THREADS"] = "1"        # submitit's jobs inherit this process's environment
+    jobs = submit([cfg, whole], str(tmp_path / "pre"), Placement(gpus_per_worker=0, time="30"), "slurm")
+    wait_for(lambda: Path(cfg.out, "checkpoints", "latest.json").exists(), 120, "a first checkpoint")
+    subprocess.run(["scancel", "--signal=USR2", jobs[0].job_id], check=True)
+    wait_for(lambda: states(jobs[0].job_id.split("_")[0]).get(0) == "PENDING", 60, "the requeued job")
+    time.sleep(1.2)
+    subprocess.run(["scontrol", "update", f"JobId={jobs[0].job_id}", "StartTime=now"], check=True)
+    assert follow(jobs) == {}
+    a, b = results(Path(whole.out)), results(Path(cfg.out))
+    assert b["resumed_from_steps"] and b["resumed_from_steps"][0] > 0 and not a["resumed_from_steps"]
+    assert a["weights_digest"] == b["weights_digest"] and a["steps"] == b["steps"]
+    log = Path(jobs[0].paths.stdout).read_text() + Path(jobs[0].paths.stderr).read_text()
+    assert "this job is preempted" in log and f"resumed {cfg.out} at step {b['resumed_from_steps'][0]}" in log
+
+
+def test_submitit_reports_a_cancelled_job_failed_within_seconds(tiny_model_dir, tmp_path, env):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text('axes:\n  tasks: [sst]\n')
+    store = tmp_path / "study"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "submitit_sweep.py"), "--grid", str(grid),
+                             "--storage", str(store), "--cluster", "slurm", "--gpus-per-worker", "0",
+                             *tiny(tiny_model_dir, rows=200, epochs=200)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    wait_for(lambda: (store / "sst-sum-s0" / "checkpoints" / "latest.json").exists(), 120, "the trial to train")
+    job = wait_for(lambda: next((p.name for p in (store / "submitit").glob("*") if p.name.isdigit()), None), 30,
+                   "submitit's job folder")
+    cancelled = time.monotonic()
+    subprocess.run(["scancel", job], check=True)
+    out, err = proc.communicate(timeout=60)
+    print(f"scancel -> submitit launcher exit: {time.monotonic() - cancelled:.1f} s")
+    assert time.monotonic() - cancelled < 30
+    assert proc.returncode == 1, err[-2000:]
+    (row,) = json.loads((store / "results.json").read_text())
+    assert row["status"] == "failed" and row["error"].startswith("CANCELLED without a result")
+
+
+def test_ray_cluster_inside_an_allocation_runs_a_grid_and_leaves_no_ray_behind(tiny_model_dir, tmp_path, env):
+    store, logs = tmp_path / "study", tmp_path / "logs"
+    logs.mkdir()
+    grid = tmp_path / "grid.yaml"
+    grid.write_text('axes:\n  tasks: [sst, "sst,para"]\n')
+    job = sbatch(["--gres=none", "--cpus-per-task=2", f"--output={logs}/ray-%j.out", "slurm/ray_cluster.sh",
+                  "--grid", str(grid), "--storage", str(store), *tiny(tiny_model_dir)],
+                 {**env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"})
+    final = wait_for(lambda: (s := subprocess.run(["sacct", "-n", "-P", "-X", "-j", job, "-o", "State"],
+                                                   capture_output=True, text=True).stdout.split()) and
+                     s[0] in ("COMPLETED", "FAILED", "CANCELLED") and s[0], 300, "the Ray job", poll=1)
+    log = (logs / f"ray-{job}.out").read_text()
+    assert final == "COMPLETED", log[-4000:]
+    assert "2/2 trials done" in log and "1 Ray nodes alive" in log
+    assert [r["status"] for r in json.loads((store / "results.json").read_text())] == ["done", "done"]
+    time.sleep(1)
+    left = [p.info for p in psutil.process_iter(["pid", "cmdline", "status"])
+            if f"/tmp/ray-{job}/" in " ".join(p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE]
+    assert left == [] and not os.path.exists(f"/tmp/ray-{job}")
