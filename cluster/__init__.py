@@ -1,1 +1,3 @@
-"""Adapters from the trial library (mtl) to cluster runtimes: Ray Train/Tune and submitit."""
+"""The study and where it runs: the launcher-independent core (study, placement, trial, submit)
+and, beside each other, the Ray, SLURM-array and submitit backends.  Only the backends import
+ray or submitit, and only when they are used."""

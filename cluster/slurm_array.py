@@ -286,7 +286,7 @@ def _comment(root: str) -> str:
 
 def live_slots(root: str) -> set[int]:
     """Array indices of this storage's tasks that are queued or running now."""
-    out = subprocess.run(["squeue", "-h", "-r", "-o", "%k|%K|%T"], capture_output=True, text=True)
+    out = subprocess.run(["squeue", "--me", "-h", "-r", "-o", "%k|%K|%T"], capture_output=True, text=True)
     live = set()
     for line in out.stdout.splitlines():
         comment, task, state = (line.split("|") + ["", ""])[:3]

@@ -144,3 +144,13 @@ def test_placement_is_not_identity(tmp_path):
     # Grids name trials the same whatever the placement flags of the launch were.
     names = [trial_name(t) for t in expand("smoke", RunConfig(), "/s", seeds=[0])]
     assert names == ["sst-sum-s0", "para-sum-s0", "sst+para-sum-s0", "sst+para-pcgrad-s0"]
+
+
+def test_the_slurm_and_submitit_paths_never_import_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, cluster.study, cluster.submit, cluster.slurm_array, cluster.submitit_sweep, cluster.trial; "
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
