@@ -267,7 +267,7 @@ def _sbatch(slots: list[int], shape: tuple[int, int], root: str, placement: Plac
     cmd += [f"--{name}={value}" for name, value in (("partition", placement.partition), ("time", placement.time),
                                                      ("account", placement.account)) if value]
     cmd += placement.sbatch_args + [script or str(SCRIPT)] + script_args
-    env = dict(os.environ)
+    env = dict(os.environ, MTL_ROOT=str(SCRIPT.parents[1]))     # where the scripts find slurm/env.sh
     if placement.setup:
         env["MTL_SETUP"] = "; ".join(placement.setup)
         env.pop("MTL_PYTHON", None)

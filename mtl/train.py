@@ -287,8 +287,7 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
                 break
             if stop is not None and stop.requested(dist):
                 # A scheduler wants the resources back: keep every finished step, then leave.
-                if not saved:
-                    folder = save_full()
+                folder = folder if saved else save_full()
                 if bar:
                     bar.close()
                 sink.close()

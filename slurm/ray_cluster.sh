@@ -28,22 +28,13 @@
 # Environment: as slurm/sweep.sh (MTL_PYTHON, or MTL_SETUP, or the project's .venv/bin/python).
 set -euo pipefail
 
-if [ -n "${MTL_SETUP:-}" ]; then
-    eval "$MTL_SETUP"
-fi
-python=${MTL_PYTHON:-}
-if [ -z "$python" ]; then
-    if [ -z "${MTL_SETUP:-}" ] && [ -x "${SLURM_SUBMIT_DIR:-.}/.venv/bin/python" ]; then
-        python=${SLURM_SUBMIT_DIR:-.}/.venv/bin/python
-    else
-        python=python3
-    fi
-fi
-if ! "$python" -c 'import cluster.submit, ray' 2>/dev/null; then
-    echo "error: $python cannot import this project and ray: set MTL_PYTHON to the environment's python," \
-         "or MTL_SETUP to the line that activates it" >&2
+MTL_ROOT=${MTL_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
+if [ ! -f "$MTL_ROOT/slurm/env.sh" ]; then
+    echo "error: $MTL_ROOT is not this project's folder: submit from the project root, or set MTL_ROOT" >&2
     exit 2
 fi
+source "$MTL_ROOT/slurm/env.sh"
+mtl_python cluster.submit ray
 ray=("$python" -m ray.scripts.scripts)
 
 mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")

@@ -32,7 +32,8 @@
 # the tasks and writes the results table.
 #
 # Environment: the job runs $MTL_PYTHON if set; else, if MTL_SETUP is set, it evaluates that line
-# and runs `python3`; else the project's .venv/bin/python.  For example:
+# and runs `python3`; else the project's .venv/bin/python (slurm/env.sh; the project folder is
+# $MTL_ROOT, by default the folder you submit from).  For example:
 #   MTL_PYTHON=$HOME/venvs/mtl/bin/python sbatch slurm/sweep.sh
 #   MTL_SETUP='module load anaconda; conda activate mtl' sbatch slurm/sweep.sh
 #
@@ -43,22 +44,13 @@
 # Trials of 2+ workers (parallel.workers) run DDP over the task's GPUs: give them --gres=gpu:N.
 set -euo pipefail
 
-if [ -n "${MTL_SETUP:-}" ]; then
-    eval "$MTL_SETUP"
-fi
-python=${MTL_PYTHON:-}
-if [ -z "$python" ]; then
-    if [ -z "${MTL_SETUP:-}" ] && [ -x "${SLURM_SUBMIT_DIR:-.}/.venv/bin/python" ]; then
-        python=${SLURM_SUBMIT_DIR:-.}/.venv/bin/python
-    else
-        python=python3
-    fi
-fi
-if ! "$python" -c 'import cluster.slurm_array' 2>/dev/null; then
-    echo "error: $python cannot import this project (cluster.slurm_array): set MTL_PYTHON to the environment's" \
-         "python, or MTL_SETUP to the line that activates it" >&2
+MTL_ROOT=${MTL_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
+if [ ! -f "$MTL_ROOT/slurm/env.sh" ]; then
+    echo "error: $MTL_ROOT is not this project's folder: submit from the project root, or set MTL_ROOT" >&2
     exit 2
 fi
+source "$MTL_ROOT/slurm/env.sh"
+mtl_python cluster.slurm_array
 # exec: Python becomes the batch step's process, so SIGUSR1 from --signal=B:... reaches it.
 exec "$python" -m cluster.slurm_array --grid "${MTL_GRID:-pairings}" --seeds "${MTL_SEEDS:-0}" \
     --storage "${MTL_STORAGE:-runs/sweep}" "$@"

@@ -167,25 +167,42 @@ def test_preemption_signal_requeues_and_the_trial_resumes_to_the_uninterrupted_r
     assert [e["metrics"] for e in a["epochs"]] == [e["metrics"] for e in b["epochs"]]
 
 
-def test_a_cancelled_array_is_reported_failed_within_seconds(tiny_model_dir, tmp_path, env):
+def slurm_job_of(store: Path) -> str | None:
+    return next((m.group(1) for p in (store / "slurm-logs").glob("*") if (m := re.search(r"-(\d+)_0\.out$", p.name))),
+                None)
+
+
+def submitit_job_of(store: Path) -> str | None:
+    return next((p.name for p in (store / "submitit").glob("*") if p.name.isdigit()), None)
+
+
+CANCEL_CASES = {   # launcher: (its flags, how to find the job, how the failed row reads)
+    "slurm_submit.py": (["--wait"], slurm_job_of, "SLURM task {job}_0 CANCELLED"),
+    "submitit_sweep.py": (["--cluster", "slurm"], submitit_job_of, "CANCELLED without a result"),
+}
+
+
+@pytest.mark.parametrize("launcher", list(CANCEL_CASES))
+def test_a_cancelled_job_is_reported_failed_within_seconds(tiny_model_dir, tmp_path, env, launcher):
+    flags, job_of, error = CANCEL_CASES[launcher]
     store = tmp_path / "study"
     grid = tmp_path / "grid.yaml"
     grid.write_text('axes:\n  tasks: [sst]\n')
-    proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "slurm_submit.py"), "--grid", str(grid),
-                             "--storage", str(store), "--gpus-per-worker", "0", "--wait",
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / launcher), "--grid", str(grid),
+                             "--storage", str(store), "--gpus-per-worker", "0", *flags,
                              *tiny(tiny_model_dir, rows=200, epochs=200)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     wait_for(lambda: (store / "sst-sum-s0" / "checkpoints" / "latest.json").exists(), 120, "the trial to train")
-    job = re.search(r"mtl-study-(\d+)_0", " ".join(os.listdir(store / "slurm-logs"))).group(1)
+    job = wait_for(lambda: job_of(store), 30, "the job's id")
     cancelled = time.monotonic()
     subprocess.run(["scancel", job], check=True)
     out, err = proc.communicate(timeout=60)
-    print(f"scancel -> helper exit: {time.monotonic() - cancelled:.1f} s")
+    print(f"{launcher}: scancel -> launcher exit {time.monotonic() - cancelled:.1f} s")
     assert time.monotonic() - cancelled < 30
     assert proc.returncode == 1, err[-2000:]
     assert "0/1 trials done, 1 failed (sst-sum-s0)" in out
     (row,) = json.loads((store / "results.json").read_text())
-    assert row["status"] == "failed" and row["error"].startswith(f"SLURM task {job}_0 CANCELLED")
+    assert row["status"] == "failed" and row["error"].startswith(error.format(job=job))
 
 
 def test_bad_input_fails_the_task_at_once_with_one_line(tiny_model_dir, tmp_path, env):
@@ -203,8 +220,8 @@ def test_bad_input_fails_the_task_at_once_with_one_line(tiny_model_dir, tmp_path
              for name in ("beyond", "unwritable", "noenv")}
     assert lines["beyond"][-1] == "error: array index 4 is beyond the grid: 4 trials, so indices 0-3"
     assert lines["unwritable"][-1].startswith("error: storage /proc/mtl-study is not writable")
-    assert lines["noenv"] == ["error: /nonexistent/python cannot import this project (cluster.slurm_array): set "
-                              "MTL_PYTHON to the environment's python, or MTL_SETUP to the line that activates it"]
+    assert lines["noenv"] == ["error: /nonexistent/python cannot import cluster.slurm_array: set MTL_PYTHON to the "
+                              "environment's python, or MTL_SETUP to the line that activates it"]
     # The helper checks the storage before it submits anything.
     refused = helper(["--grid", "smoke", "--storage", "/proc/mtl-study", *tiny(tiny_model_dir)], env)
     assert refused.returncode == 2 and refused.stderr.strip().startswith("error: storage /proc/mtl-study is not writable")
@@ -244,27 +261,6 @@ def test_submitit_runs_the_grid_on_slurm_and_a_preempted_job_resumes(tiny_model_
     assert a["weights_digest"] == b["weights_digest"] and a["steps"] == b["steps"]
     log = Path(jobs[0].paths.stdout).read_text() + Path(jobs[0].paths.stderr).read_text()
     assert "this job is preempted" in log and f"resumed {cfg.out} at step {b['resumed_from_steps'][0]}" in log
-
-
-def test_submitit_reports_a_cancelled_job_failed_within_seconds(tiny_model_dir, tmp_path, env):
-    grid = tmp_path / "grid.yaml"
-    grid.write_text('axes:\n  tasks: [sst]\n')
-    store = tmp_path / "study"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "submitit_sweep.py"), "--grid", str(grid),
-                             "--storage", str(store), "--cluster", "slurm", "--gpus-per-worker", "0",
-                             *tiny(tiny_model_dir, rows=200, epochs=200)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    wait_for(lambda: (store / "sst-sum-s0" / "checkpoints" / "latest.json").exists(), 120, "the trial to train")
-    job = wait_for(lambda: next((p.name for p in (store / "submitit").glob("*") if p.name.isdigit()), None), 30,
-                   "submitit's job folder")
-    cancelled = time.monotonic()
-    subprocess.run(["scancel", job], check=True)
-    out, err = proc.communicate(timeout=60)
-    print(f"scancel -> submitit launcher exit: {time.monotonic() - cancelled:.1f} s")
-    assert time.monotonic() - cancelled < 30
-    assert proc.returncode == 1, err[-2000:]
-    (row,) = json.loads((store / "results.json").read_text())
-    assert row["status"] == "failed" and row["error"].startswith("CANCELLED without a result")
 
 
 def test_ray_cluster_inside_an_allocation_runs_a_grid_and_leaves_no_ray_behind(tiny_model_dir, tmp_path, env):
