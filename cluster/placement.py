@@ -49,11 +49,12 @@ class Placement:
         w = cfg.parallel.workers
         return w * self.cpus_per_worker, w * self.gpus(gpu_default)
 
-    def slurm_resources(self, cfg: RunConfig) -> tuple[int, int]:
-        """(CPUs per task, GPUs) for a SLURM job that runs ``cfg`` on one node; GPUs default to
-        one per worker (SLURM clusters are GPU clusters)."""
-        cpus, gpus = self.demand(cfg, gpu_default=1.0)
-        return max(1, math.ceil(cpus)), math.ceil(gpus)
+    def slurm_resources(self, trials: list[RunConfig]) -> tuple[int, int]:
+        """(CPUs per task, GPUs) for a SLURM job that runs ``trials`` side by side on one node:
+        their demands summed, then rounded up (fractional GPUs pack).  GPUs default to one per
+        worker (SLURM clusters are GPU clusters)."""
+        needs = [self.demand(t, gpu_default=1.0) for t in trials]
+        return max(1, math.ceil(sum(c for c, _ in needs))), math.ceil(sum(g for _, g in needs))
 
 
 def time_minutes(text: str) -> int:

@@ -232,8 +232,7 @@ def _by_shape(trials: list[RunConfig], slots: list[int], placement: Placement) -
     shapes = defaultdict(list)
     k = placement.trials_per_task
     for s in slots:
-        needs = [placement.slurm_resources(trials[i]) for i in slot_trials(len(trials), s, k)]
-        shapes[(sum(c for c, _ in needs), sum(g for _, g in needs))].append(s)
+        shapes[placement.slurm_resources([trials[i] for i in slot_trials(len(trials), s, k)])].append(s)
     return dict(shapes)
 
 

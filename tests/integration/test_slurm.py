@@ -133,6 +133,19 @@ def test_the_helper_submits_what_is_missing_and_follows_it(tiny_model_dir, tmp_p
     assert [r["status"] for r in json.loads((store / "results.json").read_text())] == ["done"] * 3
 
 
+def test_an_array_task_can_run_several_trials_side_by_side(tiny_model_dir, tmp_path, env):
+    store = tmp_path / "study"
+    grid = tmp_path / "grid.yaml"
+    grid.write_text('axes:\n  tasks: [sst, "sst,para", para]\n')
+    run = helper(["--grid", str(grid), "--storage", str(store), "--gpus-per-worker", "0", "--trials-per-task", "2",
+                  "--wait", *tiny(tiny_model_dir)], env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "3 trials in 2 array tasks" in run.stdout and "3/3 trials done" in run.stdout
+    job = re.search(r"submitted job (\d+): array 0 \(1 tasks, 2 CPUs and 0 GPUs each\)", run.stdout).group(1)
+    assert "array task 0 (job" in (store / "slurm-logs" / f"mtl-study-{job}_0.out").read_text()
+    assert ": sst-sum-s0, sst+para-sum-s0\n" in (store / "slurm-logs" / f"mtl-study-{job}_0.out").read_text()
+
+
 def test_preemption_signal_requeues_and_the_trial_resumes_to_the_uninterrupted_result(tiny_model_dir, tmp_path, env):
     """USR1 to the batch step (as --signal=B:USR1@120 sends it): the trial checkpoints after its
     step, the task requeues itself, starts again and resumes; the end equals an uninterrupted run."""
