@@ -28,12 +28,8 @@
 # Environment: as slurm/sweep.sh (MTL_PYTHON, or MTL_SETUP, or the project's .venv/bin/python).
 set -euo pipefail
 
-MTL_ROOT=${MTL_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
-if [ ! -f "$MTL_ROOT/slurm/env.sh" ]; then
-    echo "error: $MTL_ROOT is not this project's folder: submit from the project root, or set MTL_ROOT" >&2
-    exit 2
-fi
-source "$MTL_ROOT/slurm/env.sh"
+source "${MTL_ROOT:=${SLURM_SUBMIT_DIR:-$PWD}}/slurm/env.sh" 2>/dev/null ||
+    { echo "error: $MTL_ROOT is not this project's folder: submit from the project root, or set MTL_ROOT" >&2; exit 2; }
 mtl_python cluster.submit ray
 ray=("$python" -m ray.scripts.scripts)
 

@@ -44,12 +44,8 @@
 # Trials of 2+ workers (parallel.workers) run DDP over the task's GPUs: give them --gres=gpu:N.
 set -euo pipefail
 
-MTL_ROOT=${MTL_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
-if [ ! -f "$MTL_ROOT/slurm/env.sh" ]; then
-    echo "error: $MTL_ROOT is not this project's folder: submit from the project root, or set MTL_ROOT" >&2
-    exit 2
-fi
-source "$MTL_ROOT/slurm/env.sh"
+source "${MTL_ROOT:=${SLURM_SUBMIT_DIR:-$PWD}}/slurm/env.sh" 2>/dev/null ||
+    { echo "error: $MTL_ROOT is not this project's folder: submit from the project root, or set MTL_ROOT" >&2; exit 2; }
 mtl_python cluster.slurm_array
 # exec: Python becomes the batch step's process, so SIGUSR1 from --signal=B:... reaches it.
 exec "$python" -m cluster.slurm_array --grid "${MTL_GRID:-pairings}" --seeds "${MTL_SEEDS:-0}" \
