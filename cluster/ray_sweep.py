@@ -111,7 +111,8 @@ def _driver(config: dict, trials: dict, placement: Placement, storage_root: str)
     storage.write_text(storage.join(storage_root, "_ray", "timings", f"{name}.json"),
                        json.dumps({"driver_launched_at": launched, "driver_finished_at": time.time()}))
     results = read_results(cfg)
-    tune.report({"best_score": results["best"].get("score"), "steps": results["steps"]})
+    tune.report({"status": results.get("status", "done"), "best_score": results.get("best", {}).get("score"),
+                 "steps": results["steps"]})
 
 
 def run_sweep(trials: list[RunConfig], storage_root: str, placement: Placement | None = None,

@@ -15,6 +15,7 @@ import os
 from mtl import storage
 from mtl.config import RunConfig
 from mtl.dist import DistContext
+from mtl.errors import TrialFailed
 
 from cluster.placement import Placement
 
@@ -48,7 +49,11 @@ def train_loop_per_worker(config: dict) -> None:
                          checkpoint_dir_name=folder.rstrip("/").rsplit("/", 1)[-1],
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
-    run_trial(cfg, ray_dist_context(), on_checkpoint=report)
+    try:
+        run_trial(cfg, ray_dist_context(), on_checkpoint=report)
+    except TrialFailed:
+        pass    # recorded as failed in results.json; retrying would diverge again
+
 
 
 def fs_path(url: str) -> str:

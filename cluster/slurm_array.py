@@ -43,8 +43,7 @@ from mtl.errors import ConfigError, MtlError
 from mtl.stop import EXIT_STOPPED
 
 from cluster.placement import Placement
-from cluster.study import (NAMED, absolute, index_ranges, is_finished, results_table, slot_count, slot_trials,
-                           trial_name, write_table)
+from cluster.study import index_ranges, is_finished, results_table, slot_count, slot_trials, trial_name, write_table
 
 log = logging.getLogger("cluster.slurm_array")
 SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "sweep.sh"
@@ -60,23 +59,31 @@ class TrialProcesses:
     """The worker processes of the trials one array task runs, and the relay of the
     scheduler's signals to them."""
 
-    def __init__(self, trials: list[RunConfig]):
+    def __init__(self, trials: list[RunConfig], signum: int | None = None):
         self.trials = trials
-        self.signum: int | None = None
+        self.signum = signum        # a signal that came before the workers existed
         self.procs: dict[str, list[subprocess.Popen]] = {}
         self.tmp = tempfile.mkdtemp(prefix="mtl-array-task-")
 
     def start(self) -> None:
+        gpus = visible_gpus()
+        placed = 0
         for cfg in self.trials:
             path = os.path.join(self.tmp, f"{trial_name(cfg)}.json")
             with open(path, "w") as fh:
                 json.dump(cfg.to_dict(), fh)
             world = cfg.parallel.workers
-            port = _free_port() if world > 1 else None
-            self.procs[trial_name(cfg)] = [
-                subprocess.Popen([sys.executable, "-m", "cluster.trial", path], env=_worker_env(rank, world, port))
-                for rank in range(world)]
-        if self.signum is not None:     # a signal that came while the workers were starting
+            port = _free_port()
+            procs = []
+            for rank in range(world):
+                # Workers take the task's GPUs in turn, one each, so trials packed into one
+                # task (--trials-per-task) spread over its GPUs instead of all using the first.
+                gpu = gpus[placed % len(gpus)] if gpus else None
+                placed += 1
+                procs.append(subprocess.Popen([sys.executable, "-m", "cluster.trial", path],
+                                              env=_worker_env(rank, world, port, gpu)))
+            self.procs[trial_name(cfg)] = procs
+        if self.signum is not None:
             self.relay(self.signum, None)
 
     def relay(self, signum, frame) -> None:
@@ -86,20 +93,48 @@ class TrialProcesses:
                 if p.poll() is None:
                     p.send_signal(signum)
 
-    def wait(self) -> dict[str, int]:
-        """Each trial's exit code: 0 when every worker succeeded, else the first failing one's."""
+    def wait(self, grace_s: float = 10.0) -> dict[str, int]:
+        """Each trial's exit code: 0 when every worker succeeded, EXIT_STOPPED when they stopped
+        on a signal, else the first failing worker's.  A worker that crashed leaves its peers
+        waiting in a collective that never completes: after ``grace_s`` they are killed."""
+        crashed_at: dict[str, float] = {}
         try:
-            codes = {name: [p.wait() for p in procs] for name, procs in self.procs.items()}
+            while True:
+                codes = {name: [_stopped_as_75(p.poll()) for p in procs] for name, procs in self.procs.items()}
+                if all(c is not None for cs in codes.values() for c in cs):
+                    break
+                for name, cs in codes.items():
+                    if any(c not in (None, 0, EXIT_STOPPED) for c in cs):
+                        crashed_at.setdefault(name, time.monotonic())
+                        if time.monotonic() - crashed_at[name] > grace_s:
+                            for p in self.procs[name]:
+                                if p.poll() is None:
+                                    p.kill()
+                time.sleep(0.2)
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
-        return {name: next((c for c in cs if c != 0), 0) for name, cs in codes.items()}
+        return {name: next((c for c in cs if c not in (0, EXIT_STOPPED)), max(cs)) for name, cs in codes.items()}
 
 
-def _worker_env(rank: int, world: int, port: int | None) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if world > 1:   # torchrun's variables on one node: DistContext.from_env starts the process group
-        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _stopped_as_75(code: int | None) -> int | None:
+    """A worker the scheduler's signal killed before its handler was up (while it started) has
+    lost nothing beyond its last checkpoint: it counts as stopped."""
+    return EXIT_STOPPED if code in (-signal.SIGUSR1, -signal.SIGTERM) else code
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs SLURM gave this task (CUDA_VISIBLE_DEVICES), empty on a CPU task."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    return [g for g in value.split(",") if g.strip() and value != "NoDevFiles"]
+
+
+def _worker_env(rank: int, world: int, port: int, gpu: str | None) -> dict:
+    # torchrun's variables, always set (a value exported from the submitting shell must not
+    # leak in): DistContext.from_env starts the process group when world > 1.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
+    if gpu is not None:       # one GPU per worker process: it is that process's cuda:0
+        env.update(CUDA_VISIBLE_DEVICES=gpu, LOCAL_RANK="0")
     return env
 
 
@@ -123,8 +158,7 @@ def requeue() -> bool:
     return True
 
 
-def run_task(trials: list[RunConfig], index: int, per_task: int) -> int:
-    group = [trials[i] for i in slot_trials(len(trials), index, per_task)]
+def run_task(group: list[RunConfig], index: int, early: list[int]) -> int:
     todo = [t for t in group if not is_finished(t)]
     env = os.environ
     print(f"array task {index} (job {env.get('SLURM_ARRAY_JOB_ID', '-')}_{env.get('SLURM_ARRAY_TASK_ID', '-')}, "
@@ -135,7 +169,7 @@ def run_task(trials: list[RunConfig], index: int, per_task: int) -> int:
             print(f"trial {trial_name(t)} is finished: nothing to do", flush=True)
     if not todo:
         return 0
-    procs = TrialProcesses(todo)
+    procs = TrialProcesses(todo, early[-1] if early else None)
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, procs.relay)
     procs.start()
@@ -153,23 +187,33 @@ def run_task(trials: list[RunConfig], index: int, per_task: int) -> int:
 
 
 def task_main(argv: list[str] | None = None) -> int:
+    # The scheduler's signals are caught from the first moment: until the workers exist they
+    # are only remembered (the default action would end the task and lose the requeue).
+    early: list[int] = []
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: early.append(signum))
     from cluster.submit import add_study_flags, trials_from_args
 
     p = argparse.ArgumentParser(prog="python -m cluster.slurm_array", description="Run one array task of a study.")
-    add_study_flags(p)
+    add_study_flags(p, grid_required=False)
+    p.add_argument("--trials", default=None, metavar="URL",
+                   help="the study's trial list as written by launch/slurm_submit.py (instead of --grid)")
     p.add_argument("--index", type=int, default=None, help="array index (default: $SLURM_ARRAY_TASK_ID)")
     p.add_argument("--trials-per-task", type=int, default=1, help="trials this task runs side by side")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        trials, root, _ = trials_from_args(args)
+        if args.trials:
+            trials, root = load_trials(args.trials)
+        else:
+            trials, root = trials_from_args(args)
         index = args.index if args.index is not None else _array_index()
-        slot_trials(len(trials), index, args.trials_per_task)      # an index beyond the grid: one line
+        group = [trials[i] for i in slot_trials(len(trials), index, args.trials_per_task)]
         storage.ensure_writable(root)
     except MtlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return run_task(trials, index, args.trials_per_task)
+    return run_task(group, index, early)
 
 
 def _array_index() -> int:
@@ -182,36 +226,38 @@ def _array_index() -> int:
 # ============================================================================================
 # Submitting and following
 # ============================================================================================
-def submit_array(trials: list[RunConfig], root: str, base: RunConfig, placement: Placement,
-                 args: argparse.Namespace, wait: bool = False, script: str | None = None) -> list[dict] | None:
-    """Submit the array tasks whose trials are unfinished and not already queued or running for
-    this storage; with ``wait``, follow them to the end and return the results table."""
+def submit_array(trials: list[RunConfig], root: str, placement: Placement, wait: bool = False,
+                 script: str | None = None) -> list[dict] | None:
+    """Submit the array tasks whose trials are unfinished and not already queued or running;
+    with ``wait``, follow them (and those already queued) to the end and return the results
+    table.  The trial list is pinned in the storage: a task finds its trial by index in that
+    very list, whatever happens to the grid file or the command line later."""
     _need("sbatch")
     storage.ensure_writable(root)
     k = placement.trials_per_task
-    live = live_slots(root)
+    study = pin_trials(trials, root, k)
+    live = live_slots(study)
     todo = [s for s in range(slot_count(len(trials), k))
             if s not in live and any(not is_finished(trials[i]) for i in slot_trials(len(trials), s, k))]
     print(f"{len(trials)} trials in {slot_count(len(trials), k)} array tasks: "
           f"{sum(map(is_finished, trials))} finished, {len(live)} tasks queued or running, {len(todo)} to submit",
           flush=True)
-    jobs: dict[str, list[int]] = {}
-    if todo:
-        common = _script_args(args, root, base, k)
-        for shape, slots in _by_shape(trials, todo, placement).items():
-            job = _sbatch(slots, shape, root, placement, common, script)
-            jobs[job] = slots
-            print(f"submitted job {job}: array {index_ranges(slots)} ({len(slots)} tasks, "
-                  f"{shape[0]} CPUs and {shape[1]} GPUs each); logs in {_log_dir(root)}", flush=True)
+    jobs: dict[str, list[int]] = defaultdict(list)
+    for slot, job in live.items():
+        jobs[job].append(slot)
+    for shape, slots in _by_shape(trials, todo, placement).items():
+        job = _sbatch(slots, shape, root, placement, study, script)
+        jobs[job] = slots
+        print(f"submitted job {job}: array {index_ranges(slots)} ({len(slots)} tasks, "
+              f"{shape[0]} CPUs and {shape[1]} GPUs each); logs in {_log_dir(root)}", flush=True)
     if not wait:
         write_table(root, results_table(trials))
         if jobs:
-            print(f"follow: squeue -j {','.join(jobs)}; the same command with --wait writes the results table "
-                  f"when they end")
+            print(f"follow: squeue -j {','.join(jobs)}; the same command with --wait follows them and writes "
+                  f"the results table when they end")
         return None
-    ended = follow(jobs) if jobs else {}
     failures = {}
-    for (job, slot), state in ended.items():
+    for (job, slot), state in (follow(dict(jobs)) if jobs else {}).items():
         for i in slot_trials(len(trials), slot, k):
             if not is_finished(trials[i]):
                 why = "ended without results" if state == "COMPLETED" else state
@@ -219,6 +265,25 @@ def submit_array(trials: list[RunConfig], root: str, base: RunConfig, placement:
     rows = results_table(trials, failures)
     write_table(root, rows)
     return rows
+
+
+def pin_trials(trials: list[RunConfig], root: str, per_task: int) -> str:
+    """Write the trial list (with how many trials a task runs) to the storage, once; returns its
+    URL, named by a hash of its content."""
+    text = json.dumps({"storage": root, "trials_per_task": per_task, "trials": [t.to_dict() for t in trials]},
+                      sort_keys=True)
+    url = storage.join(root, "_slurm", f"study-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json")
+    if not storage.exists(url):
+        storage.write_text(url, text)
+    return url
+
+
+def load_trials(url: str) -> tuple[list[RunConfig], str]:
+    try:
+        study = json.loads(storage.read_text(url))
+        return [RunConfig.from_dict(t) for t in study["trials"]], study["storage"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{url}: not a trial list written by launch/slurm_submit.py ({exc})") from None
 
 
 def _need(program: str) -> None:
@@ -236,36 +301,25 @@ def _by_shape(trials: list[RunConfig], slots: list[int], placement: Placement) -
     return dict(shapes)
 
 
-def _script_args(args: argparse.Namespace, root: str, base: RunConfig, per_task: int) -> list[str]:
-    """What every array task needs to expand the very grid the submitter expanded: the grid,
-    seeds, storage and the resolved base config (written once to the storage)."""
-    text = json.dumps(base.to_dict(), sort_keys=True)
-    url = storage.join(root, "_slurm", f"base-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json")
-    if not storage.exists(url):
-        storage.write_text(url, text)
-    grid = args.grid if args.grid in NAMED else absolute(args.grid)
-    return ["--grid", grid, "--seeds", args.seeds, "--storage", root, "--config", url,
-            "--trials-per-task", str(per_task)]
-
-
 def _log_dir(root: str) -> str:
     """SLURM writes logs to a local path only: the storage's slurm-logs/ when it is a folder,
     else ./slurm-logs."""
     return storage.join(root, "slurm-logs") if storage.is_local(root) else os.path.abspath("slurm-logs")
 
 
-def _sbatch(slots: list[int], shape: tuple[int, int], root: str, placement: Placement, script_args: list[str],
+def _sbatch(slots: list[int], shape: tuple[int, int], root: str, placement: Placement, study: str,
             script: str | None) -> str:
     cpus, gpus = shape
     logs = _log_dir(root)
     os.makedirs(logs, exist_ok=True)   # SLURM fails a job whose log folder is missing (exit 0:53)
     array = index_ranges(slots) + (f"%{placement.array_parallelism}" if placement.array_parallelism else "")
     cmd = ["sbatch", "--parsable", f"--array={array}", f"--job-name=mtl-{os.path.basename(root.rstrip('/'))}",
-           f"--comment={_comment(root)}", f"--output={logs}/%x-%A_%a.out", f"--cpus-per-task={cpus}",
+           f"--comment={_comment(study)}", f"--output={logs}/%x-%A_%a.out", f"--cpus-per-task={cpus}",
            f"--gres=gpu:{gpus}" if gpus else "--gres=none"]
     cmd += [f"--{name}={value}" for name, value in (("partition", placement.partition), ("time", placement.time),
                                                      ("account", placement.account)) if value]
-    cmd += placement.sbatch_args + [script or str(SCRIPT)] + script_args
+    cmd += placement.sbatch_args + [script or str(SCRIPT), "--trials", study, "--storage", root,
+                                    "--trials-per-task", str(placement.trials_per_task)]
     env = dict(os.environ, MTL_ROOT=str(SCRIPT.parents[1]))     # where the scripts find slurm/env.sh
     if placement.setup:
         env["MTL_SETUP"] = "; ".join(placement.setup)
@@ -273,24 +327,31 @@ def _sbatch(slots: list[int], shape: tuple[int, int], root: str, placement: Plac
     else:
         env["MTL_PYTHON"] = sys.executable     # the jobs use the Python this command runs in
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode:
-        raise MtlError(f"sbatch refused the array: {(done.stderr or done.stdout).strip().splitlines()[-1]}")
+    if done.returncode or not done.stdout.strip():
+        said = (done.stderr or done.stdout).strip().splitlines()
+        raise MtlError(f"sbatch refused the array: {said[-1] if said else f'exit {done.returncode}, no output'}")
     return done.stdout.strip().split(";")[0]
 
 
-def _comment(root: str) -> str:
-    """Marks a job as this storage's, so a rerun does not submit a task that is still queued."""
-    return "mtl:" + hashlib.sha256(root.encode()).hexdigest()[:16]
+def _comment(study: str) -> str:
+    """Marks a job as running this trial list, so a rerun does not submit a task still queued."""
+    return "mtl:" + study.removesuffix(".json").rsplit("study-", 1)[-1]
 
 
-def live_slots(root: str) -> set[int]:
-    """Array indices of this storage's tasks that are queued or running now."""
-    out = subprocess.run(["squeue", "--me", "-h", "-r", "-o", "%k|%K|%T"], capture_output=True, text=True)
-    live = set()
-    for line in out.stdout.splitlines():
-        comment, task, state = (line.split("|") + ["", ""])[:3]
-        if comment == _comment(root) and task.isdigit() and state not in ENDED:
-            live.add(int(task))
+def _squeue(*args: str) -> str:
+    done = subprocess.run(["squeue", "-h", *args], capture_output=True, text=True)
+    if done.returncode and "Invalid job id" not in done.stderr:
+        raise MtlError(f"squeue failed: {done.stderr.strip() or f'exit {done.returncode}'}")
+    return done.stdout
+
+
+def live_slots(study: str) -> dict[int, str]:
+    """{array index: job id} of this trial list's tasks that are queued or running now."""
+    live = {}
+    for line in _squeue("--me", "-r", "-o", "%k|%K|%F|%T").splitlines():
+        comment, task, job, state = (line.split("|") + ["", "", ""])[:4]
+        if comment == _comment(study) and task.isdigit() and state not in ENDED:
+            live[int(task)] = job
     return live
 
 
@@ -298,7 +359,7 @@ def task_states(jobs: dict[str, list[int]]) -> dict[tuple[str, int], str]:
     """The state of every (array job, index): squeue for tasks still queued or running, sacct
     for those that left the queue; a task in neither yet counts as PENDING."""
     ids = ",".join(jobs)
-    queued = subprocess.run(["squeue", "-h", "-r", "-j", ids, "-o", "%F|%K|%T"], capture_output=True, text=True)
+    queued = _squeue("-r", "-j", ids, "-o", "%F|%K|%T")
     accounted = subprocess.run(["sacct", "-n", "-P", "-X", "-j", ids, "-o", "JobID,State"], capture_output=True,
                                text=True)
     if accounted.returncode:
@@ -310,7 +371,7 @@ def task_states(jobs: dict[str, list[int]]) -> dict[tuple[str, int], str]:
         if m:
             for i in _indices(m.group(2)):
                 states[(m.group(1), i)] = state.split()[0] if state else "PENDING"
-    for line in queued.stdout.splitlines():
+    for line in queued.splitlines():
         job, task, state = (line.split("|") + ["", ""])[:3]
         if task.isdigit():
             states[(job, int(task))] = state
@@ -329,7 +390,8 @@ def _indices(spec: str) -> list[int]:
 
 def follow(jobs: dict[str, list[int]], poll_s: float = 2.0) -> dict[tuple[str, int], str]:
     """Poll until every task has ended, printing a progress line whenever the counts change
-    (and every minute); returns each task's final state."""
+    (and every minute); returns each task's final state.  Polls every ``poll_s`` at first and
+    back off to every 10 s over the first few minutes (squeue and sacct load slurmctld/slurmdbd)."""
     started, last, shown_at = time.monotonic(), None, 0.0
     while True:
         states = task_states(jobs)
@@ -341,7 +403,7 @@ def follow(jobs: dict[str, list[int]], poll_s: float = 2.0) -> dict[tuple[str, i
             last, shown_at = line, now
         if all(s in ENDED for s in states.values()):
             return states
-        time.sleep(poll_s)
+        time.sleep(min(10.0, poll_s + (now - started) / 30))
 
 
 if __name__ == "__main__":

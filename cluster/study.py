@@ -19,14 +19,16 @@ fixed override, by dotted path or bare field name)::
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import itertools
 import json
 import math
 import os
+from collections import Counter
 
 from mtl import storage
-from mtl.config import RunConfig
+from mtl.config import CombinerConfig, RunConfig, set_dotted
 from mtl.errors import ConfigError
 from mtl.monitor import flatten
 
@@ -74,16 +76,23 @@ def yaml_axes(path: str) -> tuple[list[dict], dict]:
     try:
         spec = yaml.safe_load(storage.read_text(path)) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: a grid is a mapping with 'axes' and 'fixed'")
     unknown = set(spec) - {"axes", "fixed"}
     if unknown:
         raise ConfigError(f"{path}: unknown key {sorted(unknown)[0]!r} (expected axes, fixed)")
-    axes = spec.get("axes") or {}
+    axes = {dotted_key(k, f"{path}: axes."): v for k, v in (spec.get("axes") or {}).items()}
+    fixed = {dotted_key(k, f"{path}: fixed."): v for k, v in (spec.get("fixed") or {}).items()}
     for key, values in axes.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{path}: axes.{key} must be a non-empty list")
+        if key in fixed:
+            raise ConfigError(f"{path}: {key} is both an axis and fixed")
     names = list(axes)
-    return [dict(zip(names, combo)) for combo in itertools.product(*(axes[n] for n in names))], spec.get("fixed") or {}
+    return [dict(zip(names, combo)) for combo in itertools.product(*(axes[n] for n in names))], fixed
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -114,36 +123,63 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
 
 def expand(grid: str, base: RunConfig, storage_root: str, seeds: list[int]) -> list[RunConfig]:
     """RunConfigs for a grid, each with out=<storage_root>/<trial name>, in a stable order: the
-    same arguments give the same list on every machine, which is what lets a SLURM array task
-    find its trial by index."""
+    same arguments give the same list on every machine."""
     base = with_absolute_paths(base)
     storage_root = absolute(storage_root)
     if grid in NAMED:
         combos, fixed = NAMED[grid](), {}
-        combos = [{**c, "seed": s} for s in seeds for c in combos]
-    else:
+    elif storage.exists(grid):
         combos, fixed = yaml_axes(grid)
-        if not any("seed" in c for c in combos):
-            combos = [{**c, "seed": s} for s in seeds for c in combos]
-    trials, seen = [], {}
+    else:
+        raise ConfigError(f"--grid: {grid!r} is neither a named grid ({', '.join(NAMED)}) nor a YAML file")
+    if "seed" not in fixed and not any("seed" in c for c in combos):
+        combos = [{**c, "seed": s} for s in seeds for c in combos]
+    entries, seen = [], set()
     for combo in combos:
-        cfg = base.replace(**fixed, **combo)
-        if cfg.combiner.combiner != "scalarize":      # alpha means nothing to other methods
-            cfg = cfg.replace(**{"combiner.alpha": 0.5, "combiner.weights": ""})
-        key = cfg.fingerprint()
-        if key in seen:
-            continue
-        name = _compose_name(cfg, combo)
-        if name in seen.values():
-            name = f"{name}-{key[:6]}"
-        seen[key] = name
-        trials.append(cfg.replace(out=storage.join(storage_root, name)))
-    return trials
+        cfg = base.replace(**{**fixed, **combo})
+        # An axis of one method's setting (alpha, pcgrad_on, ...) does not repeat the other methods.
+        defaults = CombinerConfig()
+        cfg = cfg.replace(**{f"combiner.{k}": getattr(defaults, k) for k in cfg.combiner.unused()})
+        if cfg.fingerprint() not in seen:
+            seen.add(cfg.fingerprint())
+            entries.append((cfg, combo, _compose_name(cfg, combo)))
+    # Trials the naming rule cannot tell apart all get a suffix from what varies for them (never
+    # from where the study runs), whatever their order: a name always means the same trial.
+    taken = Counter(name for _, _, name in entries)
+    return [cfg.replace(out=storage.join(storage_root, name if taken[name] == 1 else f"{name}-{_digest(combo)}"))
+            for cfg, combo, name in entries]
+
+
+def _digest(combo: dict) -> str:
+    return hashlib.sha256(json.dumps(combo, sort_keys=True, default=str).encode()).hexdigest()[:6]
+
+
+def dotted_key(key: str, where: str = "") -> str:
+    """A setting's full dotted name ('lr' -> 'optim.lr'), or a one-line error."""
+    d = RunConfig().to_dict()
+    owners = [section for section, fields in d.items() if isinstance(fields, dict) and key in fields]
+    top_level = "." in key or (key in d and not isinstance(d[key], dict))   # optim.lr, seed
+    full = key if top_level or len(owners) != 1 else f"{owners[0]}.{key}"   # lr, combiner
+    try:
+        set_dotted(d, full, None)
+    except ConfigError:
+        raise ConfigError(f"{where}{key}: unknown setting") from None
+    return full
+
+
+def check_storage(trials: list[RunConfig]) -> None:
+    """Refuse a storage whose trial folders hold other settings under the same names (a study
+    rerun with another --lr, say): their results would be reported as this study's."""
+    for t in trials:
+        if is_finished(t):
+            changed = RunConfig.from_dict(read_results(t)["config"]).identity_changes(t)
+            if changed:
+                raise ConfigError(f"{t.out} holds a trial with other settings ({changed}): rerun the study with "
+                                  f"its own settings, or use another --storage")
 
 
 # Axes the name already shows (tasks, method, alpha, seed) or leaves out (workers).
-SHORT = {"parallel.workers", "data.tasks", "tasks", "combiner.combiner", "combiner", "seed",
-         "combiner.alpha", "alpha", "combiner.weights", "weights"}
+SHORT = {"parallel.workers", "data.tasks", "combiner.combiner", "seed", "combiner.alpha", "combiner.weights"}
 
 
 def _compose_name(cfg: RunConfig, varied: dict) -> str:
@@ -167,6 +203,8 @@ def trial_name(cfg: RunConfig) -> str:
 # Done-ness and the results table
 # --------------------------------------------------------------------------------------------
 def is_finished(cfg: RunConfig) -> bool:
+    """Whether the trial ran to an end, done or failed (a diverged trial fails the same way
+    again: delete its results.json to try it anyway).  Launchers never run it again."""
     return storage.exists(storage.join(cfg.out, RESULTS))
 
 
@@ -186,8 +224,10 @@ def results_table(trials: list[RunConfig], failures: dict[str, str] | None = Non
         name = trial_name(cfg)
         row = {"trial": name, "status": "missing"}
         row.update({k: _cell(flat[k]) for k in varied})
-        if is_finished(cfg):
-            res = read_results(cfg)
+        res = read_results(cfg) if is_finished(cfg) else None
+        if res is not None and res.get("status", "done") == "failed":
+            row.update(status="failed", error=res["error"])
+        elif res is not None:
             row.update(status="done", best_epoch=res["best"].get("epoch"), steps=res["steps"],
                        wall_time_s=round(res["wall_time_s"], 2), train_time_s=round(res["train_time_s"], 2),
                        examples_per_s=round(res["examples_per_s"], 2), world_size=res["world_size"],

@@ -20,30 +20,32 @@ import sys
 
 from mtl.cli import add_config_flags, config_from_args
 from mtl.config import RunConfig
-from mtl.errors import MtlError
+from mtl.errors import ConfigError, MtlError
 
 from cluster.placement import Placement, add_placement_flags, placement_from_args
-from cluster.study import NAMED, absolute, expand, parse_seeds, slot_count
+from cluster.study import NAMED, absolute, check_storage, expand, parse_seeds, slot_count
 
 BACKENDS = ("ray", "slurm", "submitit")
 PROGS = {"ray": "launch/ray_submit.py", "slurm": "launch/slurm_submit.py", "submitit": "launch/submitit_sweep.py"}
 
 
-def add_study_flags(p: argparse.ArgumentParser) -> None:
+def add_study_flags(p: argparse.ArgumentParser, grid_required: bool = True) -> None:
     """The study's own arguments: shared by every launcher and by the SLURM array task."""
-    p.add_argument("--grid", required=True, help=f"a named grid ({', '.join(sorted(NAMED))}) or a YAML grid file")
+    p.add_argument("--grid", required=grid_required,
+                   help=f"a named grid ({', '.join(sorted(NAMED))}) or a YAML grid file")
     p.add_argument("--seeds", default="0", help="comma-separated seeds crossed with the grid (default: 0)")
     p.add_argument("--storage", default="runs/sweep", help="folder or fsspec URL for every trial's run folder "
                                                            "and the results table (default: runs/sweep)")
     add_config_flags(p)
 
 
-def trials_from_args(args: argparse.Namespace) -> tuple[list[RunConfig], str, RunConfig]:
-    """(trials, absolute storage root, base config) from the study flags."""
+def trials_from_args(args: argparse.Namespace) -> tuple[list[RunConfig], str]:
+    """(trials, absolute storage root) from the study flags."""
+    if not args.grid:
+        raise ConfigError("--grid: a grid is needed (a named one or a YAML file)")
     root = absolute(args.storage)
-    base = config_from_args(args)
     grid = args.grid if args.grid in NAMED else absolute(args.grid)
-    return expand(grid, base, root, parse_seeds(args.seeds)), root, base
+    return expand(grid, config_from_args(args), root, parse_seeds(args.seeds)), root
 
 
 def build_parser(backend: str | None) -> argparse.ArgumentParser:
@@ -85,7 +87,7 @@ def _asks_help(argv) -> bool:
     return any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv))
 
 
-def run_backend(trials: list[RunConfig], root: str, base: RunConfig, placement: Placement,
+def run_backend(trials: list[RunConfig], root: str, placement: Placement,
                 args: argparse.Namespace) -> list[dict] | None:
     """Rows of the results table, or None when jobs were submitted without waiting."""
     if args.backend == "ray":
@@ -95,7 +97,7 @@ def run_backend(trials: list[RunConfig], root: str, base: RunConfig, placement: 
     if args.backend == "slurm":
         from cluster.slurm_array import submit_array
 
-        return submit_array(trials, root, base, placement, args, wait=bool(args.wait), script=args.script)
+        return submit_array(trials, root, placement, wait=bool(args.wait), script=args.script)
     from cluster.submitit_sweep import run_submitit
 
     return run_submitit(trials, root, placement, cluster=args.cluster, wait=args.wait is not False)
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None, backend: str | None = None) -> int:
     args = parse(argv, backend)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        trials, root, base = trials_from_args(args)
+        trials, root = trials_from_args(args)
+        check_storage(trials)
         placement = placement_from_args(args)
         from mtl.train import check_run
 
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None, backend: str | None = None) -> int:
         print(f"{len(trials)} trials")
         return 0
     try:
-        rows = run_backend(trials, root, base, placement, args)
+        rows = run_backend(trials, root, placement, args)
     except MtlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

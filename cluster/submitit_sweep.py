@@ -80,11 +80,15 @@ def submit(trials: list[RunConfig], root: str, placement: Placement, cluster: st
     by_workers: dict[int, list[RunConfig]] = {}
     for t in trials:
         by_workers.setdefault(t.parallel.workers, []).append(t)
+    if executor.cluster == "debug" and max(by_workers) > 1:
+        many = next(t for t in trials if t.parallel.workers > 1)
+        raise MtlError(f"trial {trial_name(many)} has {many.parallel.workers} workers: the debug executor runs one "
+                       f"process (use --cluster local or slurm)")
+    if any(t.save_every_steps == 0 for t in trials):
+        log.warning("checkpoints only at epoch ends (--save-every-steps 0): a job preempted or timed out "
+                    "mid-epoch redoes that epoch when it is requeued")
     jobs = []
     for workers, group in by_workers.items():
-        if executor.cluster == "debug" and workers > 1:
-            raise MtlError(f"trial {trial_name(group[0])} has {workers} workers: the debug executor runs one "
-                           f"process (use --cluster local or slurm)")
         gpus = math.ceil(workers * placement.gpus(1.0 if on_slurm else 0.0))
         params = dict(name=f"mtl-{os.path.basename(root.rstrip('/'))}", tasks_per_node=workers,
                       cpus_per_task=max(1, math.ceil(placement.cpus_per_worker)),

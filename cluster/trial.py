@@ -2,9 +2,10 @@
 
     python -m cluster.trial CONFIG.json        # one worker process (rank from RANK/WORLD_SIZE/...)
 
-A finished trial (its ``results.json`` exists) is never trained again: a requeued or
-duplicated job returns its results at once.  Anything else trains, resuming from the trial's
-newest checkpoint.  As a process it stops cleanly on SIGUSR1/SIGTERM (exit 75 after a
+A finished trial (its ``results.json`` exists: done, or failed because training diverged) is
+never trained again: a requeued or duplicated job returns its results at once.  Anything else
+trains, resuming from the trial's newest checkpoint; a launcher restarting a trial elsewhere
+waits out the lease of a holder that died without releasing it.  As a process it stops cleanly on SIGUSR1/SIGTERM (exit 75 after a
 checkpoint), exits 2 with one line on bad input, and 0 when the trial is done."""
 from __future__ import annotations
 
@@ -12,27 +13,32 @@ import argparse
 import json
 import logging
 import os
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from mtl import storage
-from mtl.config import RunConfig
-from mtl.dist import DistContext
 from mtl.stop import StopSignal
 
-from cluster.study import is_finished, read_results
+if TYPE_CHECKING:
+    from mtl.config import RunConfig
+    from mtl.dist import DistContext
 
 
-def run_trial(cfg: RunConfig, dist: DistContext | None = None, on_checkpoint: Callable[[dict], None] | None = None,
-              stop: StopSignal | None = None) -> dict:
-    if is_finished(cfg):
-        return read_results(cfg)
+def run_trial(cfg: "RunConfig", dist: "DistContext | None" = None,
+              on_checkpoint: Callable[[dict], None] | None = None, stop: StopSignal | None = None) -> dict:
+    from mtl.lease import takeover_wait_s
     from mtl.train import train
 
-    return train(cfg, dist, on_checkpoint=on_checkpoint, stop=stop)
+    from cluster.study import is_finished, read_results
+
+    if is_finished(cfg):
+        return read_results(cfg)
+
+    return train(cfg, dist, on_checkpoint=on_checkpoint, stop=stop, lease_wait_s=takeover_wait_s())
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, stop: StopSignal | None = None) -> int:
+    from mtl import storage
     from mtl.cli import guarded, print_summary
+    from mtl.config import RunConfig
 
     p = argparse.ArgumentParser(prog="python -m cluster.trial", description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="the trial's RunConfig as JSON (a file or fsspec URL)")
@@ -46,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = RunConfig.from_dict(json.loads(storage.read_text(args.config)))
         check_run(cfg)
-        results = run_trial(cfg, stop=StopSignal().install())
+        results = run_trial(cfg, stop=stop or StopSignal().install())
         if main_rank:
             print_summary(cfg, results)
         return 0
@@ -54,4 +60,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # First thing, before torch and the model load (seconds): a scheduler's signal that comes
+    # while this worker starts is kept, not the default action that would end it.
+    raise SystemExit(main(stop=StopSignal().install()))

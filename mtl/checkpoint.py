@@ -60,7 +60,8 @@ def save(out: str, state: dict, step: int, keep: int) -> str:
 
 
 def latest(out: str) -> str | None:
-    """Folder of the newest published checkpoint, or None for a fresh run."""
+    """Folder of the newest published checkpoint, or None for a fresh run.  When the folder
+    latest.json names was deleted (to get past a damaged one), the newest folder before it."""
     pointer = storage.join(checkpoint_dir(out), POINTER)
     if not storage.exists(pointer):
         return None
@@ -68,10 +69,22 @@ def latest(out: str) -> str | None:
         name = json.loads(storage.read_text(pointer))["checkpoint"]
     except (ValueError, KeyError, TypeError):
         raise CheckpointError(f"{pointer}: not a valid checkpoint pointer") from None
+    present = [n for n in storage.listdir(checkpoint_dir(out)) if n.startswith(PREFIX)]
+    if name not in present:
+        older = sorted(n for n in present if n < name)
+        if older:
+            return storage.join(checkpoint_dir(out), older[-1])
     return storage.join(checkpoint_dir(out), name)
 
 
 def load(folder: str) -> dict:
+    try:
+        return _load(folder)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; {_fallback(folder)}") from None
+
+
+def _load(folder: str) -> dict:
     url = state_url(folder)
     try:
         state = storage.load_torch(url)
@@ -82,3 +95,33 @@ def load(folder: str) -> dict:
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise CheckpointError(f"{url}: not a checkpoint of this library (no model state)")
     return state
+
+
+def _fallback(folder: str) -> str:
+    """What a user can do about a damaged checkpoint: resume from the newest intact one before
+    it (kept with --keep-checkpoints 2 or more), or start over."""
+    parent, name = folder.rstrip("/").rsplit("/", 1)
+    for older in sorted((n for n in storage.listdir(parent) if n.startswith(PREFIX) and n < name), reverse=True):
+        try:
+            _load(storage.join(parent, older))
+        except CheckpointError:
+            continue
+        return f"{older} before it is intact: delete {folder} to resume from {older}"
+    return f"no intact checkpoint before it: delete {parent} to start over"
+
+
+def clean(out: str) -> None:
+    """Leftovers of a writer that was killed: checkpoint folders never published (newer than
+    the one latest.json names) and half-written temporary files.  Called by the run folder's
+    only writer before it writes."""
+    folder = checkpoint_dir(out)
+    current = latest(out)
+    newest = current.rstrip("/").rsplit("/", 1)[-1] if current else ""
+    for name in storage.listdir(folder):
+        if name.startswith(PREFIX) and name > newest:
+            storage.remove(storage.join(folder, name), recursive=True)
+    storage.remove_partial_writes(out)
+
+
+def remove_all(out: str) -> None:
+    storage.remove(checkpoint_dir(out), recursive=True)

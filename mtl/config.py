@@ -23,11 +23,12 @@ DEFAULT_MODEL = "embedded:all-MiniLM-L6-v2"
 DEFAULT_DATA = "embedded:sample"
 
 
-def _help(text: str, identity: bool = True, **kw) -> Any:
+def _help(text: str, identity: bool = True, methods: tuple[str, ...] = (), **kw) -> Any:
     """A documented field.  ``identity=False`` marks a setting that does not change what the trial
     computes (where it is stored, how it logs and checkpoints): it is left out of the trial's
-    fingerprint, resume checks, TensorBoard's hparams and the sweep table's varied columns."""
-    return field(metadata={"help": text, "identity": identity}, **kw)
+    fingerprint, resume checks, TensorBoard's hparams and the sweep table's varied columns.
+    ``methods`` names the loss-combination methods that read a combiner setting."""
+    return field(metadata={"help": text, "identity": identity, "methods": methods}, **kw)
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -102,6 +103,10 @@ class DataConfig:
         _require(self.examples_per_task >= 0, "data.examples_per_task", "must be >= 0")
         _require(self.temperature > 0 and math.isfinite(self.temperature), "data.temperature", "must be > 0")
         _require(self.on_bad_row in ("error", "skip"), "data.on_bad_row", f"{self.on_bad_row!r} is not error|skip")
+        _require(self.epoch_mode == "fixed_n" or self.examples_per_task == 0, "data.examples_per_task",
+                 "applies to --epoch-mode fixed_n")
+        _require(self.epoch_mode == "temperature" or self.temperature == 2.0, "data.temperature",
+                 "applies to --epoch-mode temperature")
         _require(self.max_train_rows >= 0 and self.max_dev_rows >= 0, "data.max_*_rows", "must be >= 0")
 
     @property
@@ -142,19 +147,21 @@ class OptimConfig:
 class CombinerConfig:
     combiner: str = _help("how task losses combine: see mtl.combine.COMBINERS", default="sum")
     alpha: float = _help("scalarize, two tasks: weight of the first task (canonical order sst,para,sts); "
-                         "the second gets 1-alpha", default=0.5)
+                         "the second gets 1-alpha", methods=("scalarize",), default=0.5)
     weights: tuple[float, ...] = _help("scalarize, any number of tasks: comma-separated weights summing to 1",
-                                       default=())
+                                       methods=("scalarize",), default=())
 
     pcgrad_reduction: str = _help("pcgrad: add ('sum', a pair's step matches loss addition) or average ('mean') "
-                                  "the projected task gradients", default="sum")
+                                  "the projected task gradients", methods=("pcgrad",), default="sum")
     pcgrad_on: str = _help("pcgrad: project gradients of the shared 'params' (exact) or of the shared pooled "
-                           "'representation' (one encoder backward; an approximation)", default="params")
-    dtp_alpha: float = _help("dtp: weight of the newest KPI in its moving average", default=0.1)
-    dtp_gamma: float = _help("dtp: focusing exponent of -(1-kpi)^gamma log(kpi)", default=1.0)
+                           "'representation' (one encoder backward; an approximation)", methods=("pcgrad",),
+                           default="params")
+    dtp_alpha: float = _help("dtp: weight of the newest KPI in its moving average", methods=("dtp",), default=0.1)
+    dtp_gamma: float = _help("dtp: focusing exponent of -(1-kpi)^gamma log(kpi)", methods=("dtp",), default=1.0)
     dtp_kpi: str = _help("dtp: KPI from 'train' batches (every step) or 'dev' evaluation (every eval)",
-                         default="train")
-    combiner_lr: float = _help("learning rate of learnable loss weights (uncertainty); 0: the model's", default=1e-3)
+                         methods=("dtp",), default="train")
+    combiner_lr: float = _help("learning rate of learnable loss weights (uncertainty); 0: the model's",
+                               methods=("uncertainty",), default=1e-3)
     conflict_every: int = _help("log task-gradient cosines and norms every N steps (every step for pcgrad, "
                                 "which computes them anyway; 0: off)", identity=False, default=50)
 
@@ -180,6 +187,14 @@ class CombinerConfig:
                  "every weight must be >= 0")
         _require(not self.weights or abs(sum(self.weights) - 1.0) < 1e-6, "combiner.weights",
                  f"{list(self.weights)} sums to {sum(self.weights):g}, not 1")
+
+    def unused(self) -> dict[str, tuple[str, ...]]:
+        """Settings given another value than their default that the chosen method never reads,
+        with the methods that do read them."""
+        defaults = CombinerConfig()
+        return {f.name: f.metadata["methods"] for f in dataclasses.fields(self)
+                if f.metadata.get("methods") and self.combiner not in f.metadata["methods"]
+                and getattr(self, f.name) != getattr(defaults, f.name)}
 
 
 @dataclass
@@ -210,10 +225,16 @@ class RunConfig:
     eval_every_epochs: int = _help("dev evaluation (and best-checkpoint choice) every N epochs", default=1)
     save_every_steps: int = _help("also checkpoint every N optimizer steps (0: once per epoch only)", identity=False,
                                   default=0)
-    keep_checkpoints: int = _help("how many recent full checkpoints to keep", identity=False, default=2)
+    keep_checkpoints: int = _help("how many recent full checkpoints a running trial keeps (a new one is "
+                                  "written before the oldest is removed)", identity=False, default=1)
+    keep_final_state: bool = _help("keep the last full checkpoint (optimizer state included) when the trial "
+                                   "is done; by default a finished trial keeps its best weights, results and "
+                                   "logs only", identity=False, default=False)
+    allow_ephemeral_out: bool = _help("accept an --out that does not outlive this process (memory://)",
+                                      identity=False, default=False)
     log_every_steps: int = _help("TensorBoard scalars every N optimizer steps", identity=False, default=10)
     progress: str = _help("terminal progress bar: auto (when a terminal), on, off", identity=False, default="auto")
-    device: str = _help("auto, cpu, cuda or cuda:N", default="auto")
+    device: str = _help("auto, cpu, cuda or cuda:N", identity=False, default="auto")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -262,6 +283,13 @@ class RunConfig:
             section, _, name = key.rpartition(".")
             (d[section] if section else d).pop(name)
         return d
+
+    def identity_changes(self, other: "RunConfig") -> str:
+        """'' when both compute the same trial, else the settings that differ, as one line."""
+        from mtl.monitor import flatten
+
+        a, b = flatten(self.identity()), flatten(other.identity())
+        return "; ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k))
 
     def fingerprint(self) -> str:
         """Short stable hash of the identity."""

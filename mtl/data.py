@@ -54,7 +54,8 @@ def read_split(data_dir: str, task: TaskSpec, split: str, on_bad_row: str = "err
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{url}: not UTF-8 text (byte {exc.start})") from None
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{url}:{line}: not UTF-8 text (byte {exc.start})") from None
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t")
     header = next(reader, None)
     needed = (*task.text_columns, task.label_column)

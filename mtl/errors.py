@@ -19,3 +19,11 @@ class StorageError(MtlError):
 
 class CheckpointError(MtlError):
     pass
+
+
+class TrialFailed(MtlError):
+    """The trial cannot go on (training diverged): it is recorded as failed, never as done."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step

@@ -34,6 +34,13 @@ def is_local(url: str) -> bool:
     return isinstance(filesystem(url)[0], LocalFileSystem)
 
 
+def is_ephemeral(url: str) -> bool:
+    """Storage that lives only in this process (fsspec's memory://)."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    return isinstance(filesystem(url)[0], MemoryFileSystem)
+
+
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
     return fs.exists(path)
@@ -57,7 +64,7 @@ def write_bytes(url: str, data: bytes) -> None:
     try:
         fs.makedirs(fs._parent(path), exist_ok=True)
         if isinstance(fs, LocalFileSystem):
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"
             try:
                 with open(tmp, "wb") as fh:
                     fh.write(data)
@@ -81,6 +88,25 @@ def remove(url: str, recursive: bool = False) -> None:
     fs, path = filesystem(url)
     if fs.exists(path):
         fs.rm(path, recursive=recursive)
+
+
+TMP_MARK = ".tmp-"      # write_bytes' temporary files: <name>.tmp-<8 hex>
+
+
+def remove_partial_writes(url: str) -> int:
+    """Delete temporary files that a killed write_bytes left below ``url`` (only local
+    filesystems have them: object stores put whole objects).  Returns how many."""
+    fs, path = filesystem(url)
+    if not isinstance(fs, LocalFileSystem) or not os.path.isdir(path):
+        return 0
+    removed = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            head, mark, tail = name.rpartition(TMP_MARK)
+            if mark and head and len(tail) == 8 and all(c in "0123456789abcdef" for c in tail):
+                os.unlink(os.path.join(root, name))
+                removed += 1
+    return removed
 
 
 def listdir(url: str) -> list[str]:

@@ -14,6 +14,7 @@ Checkpoints: ``state_dict()`` is what rank 0 saves for the strategy; ``save_shar
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import socket
@@ -65,19 +66,33 @@ class TorchStrategy:
     def loss_scale(self) -> float:
         return self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
 
-    def step(self) -> float | None:
+    @property
+    def skips_overflow(self) -> bool:
+        """Whether a step with non-finite gradients is skipped by design (fp16's loss scaling)."""
+        return self.scaler.is_enabled()
+
+    def step(self) -> tuple[float | None, bool]:
+        """Unscale, measure, clip and apply the gradients: (their global norm, whether the step
+        was taken).  Non-finite gradients never reach the weights: fp16's scaler skips such a
+        step (and lowers its scale); in fp32/bf16 the step is not taken and the trainer stops."""
         self.scaler.unscale_(self.optimizer)
-        grad_norm = None
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        grad_norm = float(norm)        # a host sync: the guard needs the number
+        if not math.isfinite(grad_norm) and not self.skips_overflow:
+            self.optimizer.zero_grad(set_to_none=True)
+            return grad_norm, False
         if self.cfg.optim.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
+            torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.cfg.optim.grad_clip, norm)
         scale_before = self.loss_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         # An fp16 step whose gradients overflowed was skipped (the scale dropped): so is its lr step.
-        if self.loss_scale() >= scale_before:
+        stepped = self.loss_scale() >= scale_before
+        if stepped:
             self.scheduler.step()
-        return grad_norm
+        return grad_norm, stepped
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -191,10 +206,15 @@ class DeepSpeedStrategy(TorchStrategy):
         scaler = getattr(self.engine.optimizer, "loss_scaler", None)
         return float(getattr(self.engine.optimizer, "cur_scale", None) or getattr(scaler, "cur_scale", 1.0) or 1.0)
 
-    def step(self) -> float | None:
+    @property
+    def skips_overflow(self) -> bool:
+        return self.cfg.precision == "fp16"
+
+    def step(self) -> tuple[float | None, bool]:
+        skipped_before = self.engine.skipped_steps
         self.engine.step()      # reduce, unscale, clip, step, zero, schedule (skipped on overflow)
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None and self.cfg.optim.grad_clip > 0 else None
+        return (float(norm) if norm is not None else None), self.engine.skipped_steps == skipped_before
 
     def state_dict(self) -> dict:
         return {"scheduler": self.scheduler.state_dict()}

@@ -9,10 +9,12 @@ gradient accumulation), dev evaluation, best-weights and full-state checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -22,7 +24,8 @@ import torch
 from mtl import checkpoint, storage
 from mtl.combine import Combiner, build_combiner
 from mtl.config import RunConfig
-from mtl.errors import ConfigError
+from mtl.errors import ConfigError, MtlError, TrialFailed
+from mtl.lease import Lease, LeaseHeld
 from mtl.conflict import conflict_stats, probe_gram
 from mtl.data import MultiTaskSampler, Step, encode_split, eval_order, make_batch, read_split
 from mtl.dist import DistContext
@@ -47,7 +50,9 @@ class TrainState:
     train_time_s: float = 0.0
     wall_time_s: float = 0.0
     examples: int = 0
+    examples_by_task: dict = field(default_factory=dict)   # training examples seen, per task
     resumed_from: list = field(default_factory=list)   # steps this run was resumed at
+    skipped_steps: int = 0        # fp16 steps the loss scaler skipped (overflowing gradients)
     conflict_steps: int = 0       # steps whose task gradients conflicted, of those measured
     measured_steps: int = 0
 
@@ -102,7 +107,13 @@ def build_scheduler(cfg: RunConfig, optimizer, total_steps: int):
 
 
 def check_run(cfg: RunConfig) -> Combiner:
-    """Checks that span sections; raises ConfigError before anything is read or written."""
+    """Checks that span sections or look at this machine (device, model folder, storage kind);
+    raises ConfigError before anything is read or written."""
+    check_device(cfg.device)
+    check_model_path(cfg.model.model)
+    if not cfg.allow_ephemeral_out and storage.is_ephemeral(cfg.out):
+        raise ConfigError(f"out: {cfg.out} lives only in this process and is gone when it ends "
+                          "(pass --allow-ephemeral-out true if that is what you want)")
     combiner = build_combiner(cfg.combiner, cfg.data.tasks, cfg.data.one_task_per_step)
     stage = cfg.parallel.zero_stage if cfg.parallel.strategy == "deepspeed" else 0
     if stage > combiner.max_zero_stage:
@@ -111,13 +122,35 @@ def check_run(cfg: RunConfig) -> Combiner:
     return combiner
 
 
+def check_device(device: str) -> None:
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ConfigError(f"device: {device} asked for, but this torch ({torch.__version__}, {build}) sees no "
+                          "CUDA device (use --device cpu or auto)")
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"device: {device} asked for, but only {torch.cuda.device_count()} CUDA device(s) are visible")
+
+
+def check_model_path(model: str) -> None:
+    """A name that can only be a local path (absolute, ./, ../, ~) must be a folder; anything
+    else may be a Hugging Face Hub name."""
+    if model.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(model)):
+        what = "is a file, not a model folder" if os.path.exists(os.path.expanduser(model)) else "no such folder"
+        raise ConfigError(f"model.model: {model}: {what}")
+
+
 # --------------------------------------------------------------------------------------------
 # One optimizer step
 # --------------------------------------------------------------------------------------------
-def train_step(step: Step, model: MultiTaskModel, strategy: TorchStrategy, combiner: Combiner, encoded: dict,
-               dist: DistContext, probe_conflict: bool = False) -> tuple[dict, dict | None]:
-    """One optimizer step.  Returns the step's scalars, and the Gram matrix of the tasks'
-    gradients of the shared parameters when it was computed (by the combiner, or the probe)."""
+def train_step(number: int, step: Step, model: MultiTaskModel, strategy: TorchStrategy, combiner: Combiner,
+               encoded: dict, dist: DistContext, probe_conflict: bool = False) -> tuple[dict, dict | None]:
+    """Optimizer step ``number``.  Returns the step's scalars, and the Gram matrix of the tasks'
+    gradients of the shared parameters when it was computed (by the combiner, or the probe).
+    A non-finite loss or gradient norm raises TrialFailed before the weights take it (fp16's
+    scaler skipping an overflowing step is allowed: ``stats["skipped"]`` counts it)."""
     task_loss = {t: 0.0 for t in step.global_count}
     total = 0.0
     probed = None
@@ -137,10 +170,20 @@ def train_step(step: Step, model: MultiTaskModel, strategy: TorchStrategy, combi
             total += float(combiner.backward(losses, strategy.backward, share=1.0 / len(step.micro)))
         for t, loss in losses.items():
             task_loss[t] += float(loss.detach())
+    # The global loss of each task (one small collective): every rank decides alike below.
+    task_loss = dist.average(task_loss)
+    for t, value in task_loss.items():
+        if not math.isfinite(value):
+            raise TrialFailed(f"step {number}: the loss of task {t} is {value} (training diverged; a lower --lr "
+                              f"may help)", number)
     combiner.before_optimizer_step(strategy.loss_scale())
-    grad_norm = strategy.step()
+    grad_norm, stepped = strategy.step()
+    if grad_norm is not None and not math.isfinite(grad_norm) and not strategy.skips_overflow:
+        raise TrialFailed(f"step {number}: the gradient norm is {grad_norm} with finite losses "
+                          f"({', '.join(f'{t} {v:.4g}' for t, v in task_loss.items())}; training diverged)", number)
     stats = {f"loss/{t}": v for t, v in task_loss.items()}
     stats["loss/combined"] = total
+    stats["skipped"] = 0.0 if stepped else 1.0
     if grad_norm is not None:
         stats["grad_norm"] = grad_norm
     return stats, combiner.task_gram() or probed
@@ -174,31 +217,114 @@ def evaluate(model: MultiTaskModel, dev: dict, batch_size: int, strategy: TorchS
 # --------------------------------------------------------------------------------------------
 # The trial
 # --------------------------------------------------------------------------------------------
-def train(cfg: RunConfig, dist: DistContext | None = None,
-          on_checkpoint: Callable[[dict], None] | None = None, stop: StopSignal | None = None) -> dict:
-    """Runs the trial to the end (resuming from the run folder's latest checkpoint) and returns
-    its results.  ``on_checkpoint`` is called on every rank once a checkpoint is published, with
-    its folder, step, epoch and the evaluation made just before it (None between evaluations).
-    When ``stop`` is raised (a scheduler's warning signal), the trial checkpoints after the
-    step under way and raises ``TrialStopped``; running it again resumes there."""
-    started = time.perf_counter()
-    started_at = time.time()
-    dist = dist or DistContext.from_env(cfg.device)
+@dataclass
+class Inputs:
+    """What a trial starts from, read and checked before anything is written."""
+    combiner: Combiner
+    tasks: list[TaskSpec]
+    raw_train: dict
+    raw_dev: dict
+    tokenizer: object
+    prior: str | None            # the newest checkpoint's folder, when resuming
+    resumed: dict | None         # its contents
+    started: float = field(default_factory=time.perf_counter)
+    started_at: float = field(default_factory=time.time)
 
-    # 1. Inputs: everything that can be wrong is checked before a file is written.
+
+def train(cfg: RunConfig, dist: DistContext | None = None, on_checkpoint: Callable[[dict], None] | None = None,
+          stop: StopSignal | None = None, lease_wait_s: float = 0.0) -> dict:
+    """Runs the trial to the end (resuming from the run folder's latest checkpoint) and returns
+    its results; a trial that is already done returns its results as they are.
+    ``on_checkpoint`` is called on every rank once a checkpoint is published, with its folder,
+    step, epoch and the evaluation made just before it (None between evaluations).  When
+    ``stop`` is raised (a scheduler's warning signal), the trial checkpoints after the step under
+    way and raises ``TrialStopped``; running it again resumes there.  Another process writing
+    the same run folder is refused (``LeaseHeld``), after waiting up to ``lease_wait_s`` for it
+    to finish or die.  A diverged trial raises ``TrialFailed`` and is recorded as failed."""
     combiner = check_run(cfg)
+    dist = dist or DistContext.from_env(cfg.device)
+    done = finished_results(cfg)
+    if done is not None:
+        log.info("%s is done: its results stand", cfg.out)
+        return done
+    inputs = prepare(cfg, combiner)
+    with take_run_folder(cfg.out, dist, lease_wait_s) as lease:
+        if dist.is_main:
+            checkpoint.clean(cfg.out)
+        try:
+            return run(cfg, dist, inputs, lease, on_checkpoint, stop)
+        except TrialFailed as exc:
+            if dist.is_main:
+                storage.write_text(results_url(cfg), json.dumps({
+                    "status": "failed", "error": str(exc), "steps": exc.step, "config": cfg.to_dict(),
+                    "tasks": list(cfg.data.tasks), "failed_at": time.time()}, indent=2))
+            raise
+
+
+def prepare(cfg: RunConfig, combiner: Combiner) -> Inputs:
+    """Everything read and checked before the first write: data, tokenizer, the checkpoint to
+    resume from and whether it belongs to this very trial."""
+    started, started_at = time.perf_counter(), time.time()
     tasks = [TASKS[t] for t in cfg.data.tasks]
     raw_train, raw_dev = read_data(cfg, tasks)
-    if dist.is_main:
-        storage.ensure_writable(cfg.out)
+    tokenizer = load_tokenizer(cfg.model)
     prior = checkpoint.latest(cfg.out)
     resumed = checkpoint.load(prior) if prior else None
-    changed = _differs(RunConfig.from_dict(resumed["config"]).identity(), cfg.identity()) if resumed else []
+    if resumed:
+        check_same_trial(resumed["config"], cfg)
+    return Inputs(combiner, tasks, raw_train, raw_dev, tokenizer, prior, resumed, started, started_at)
+
+
+def results_url(cfg: RunConfig) -> str:
+    return storage.join(cfg.out, "results.json")
+
+
+def finished_results(cfg: RunConfig) -> dict | None:
+    """The results of this trial when it is done (a failed one is tried again)."""
+    if not storage.exists(results_url(cfg)):
+        return None
+    results = json.loads(storage.read_text(results_url(cfg)))
+    if results.get("status", "done") != "done":
+        return None
+    check_same_trial(results["config"], cfg)
+    return results
+
+
+def check_same_trial(saved: dict, cfg: RunConfig) -> None:
+    """Refuse to continue a run folder started with settings that change the numbers."""
+    changed = RunConfig.from_dict(saved).identity_changes(cfg)
     if changed:
-        log.warning("resuming %s with changed settings: %s", cfg.out, ", ".join(changed))
+        raise ConfigError(f"{cfg.out} holds a trial started with other settings ({changed}): resume it with its "
+                          "own settings, or use another --out")
+
+
+@contextlib.contextmanager
+def take_run_folder(out: str, dist: DistContext, wait_s: float):
+    """The run folder's lease, held by rank 0 while the trial writes; every rank learns at once
+    whether rank 0 got it."""
+    lease, error = None, None
+    if dist.is_main:
+        try:
+            storage.ensure_writable(out)
+            lease = Lease(out, "trial").acquire(wait_s)
+        except MtlError as exc:
+            error = exc
+    if not dist.all_true(error is None):
+        raise error or LeaseHeld(f"{out}: rank 0 could not take the run folder (see its error)")
+    try:
+        yield lease
+    finally:
+        if lease:
+            lease.release()
+
+
+def run(cfg: RunConfig, dist: DistContext, inputs: Inputs, lease: Lease | None,
+        on_checkpoint: Callable[[dict], None] | None, stop: StopSignal | None) -> dict:
+    started, started_at = inputs.started, inputs.started_at
+    tasks, combiner, prior, resumed = inputs.tasks, inputs.combiner, inputs.prior, inputs.resumed
+    raw_train, raw_dev, tokenizer = inputs.raw_train, inputs.raw_dev, inputs.tokenizer
 
     # 2. Data, model, optimizer.
-    tokenizer = load_tokenizer(cfg.model)
     train_sets = tokenize_all(cfg, tasks, raw_train, dist, tokenizer)
     dev_sets = tokenize_all(cfg, tasks, raw_dev, dist, tokenizer)
     torch.manual_seed(cfg.seed)
@@ -257,7 +383,8 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
             tick = time.perf_counter()
             every = cfg.combiner.conflict_every
             probe = bool(every) and strategy.whole_parameters and (state.step + 1) % every == 0
-            stats, gram = train_step(step, model, strategy, combiner, train_sets, dist, probe_conflict=probe)
+            stats, gram = train_step(state.step + 1, step, model, strategy, combiner, train_sets, dist,
+                                     probe_conflict=probe)
             if gram is not None and len(gram[0]) > 1 and every:
                 conflict, conflicted = conflict_stats(*gram)
                 state.measured_steps += 1
@@ -265,6 +392,9 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
                 conflict["grad_conflict/fraction"] = state.conflict_steps / state.measured_steps
                 sink.scalars(state.step + 1, conflict)
             state.examples += sum(step.global_count.values())
+            for t, n in step.global_count.items():
+                state.examples_by_task[t] = state.examples_by_task.get(t, 0) + n
+            state.skipped_steps += int(stats["skipped"])
             state.step += 1
             state.step_in_epoch += 1
             if bar:
@@ -285,6 +415,8 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
                 folder = save_full()
             if _done(state, cfg):
                 break
+            if lease:
+                lease.check()      # another writer took the folder over: never write beside it
             if stop is not None and stop.requested(dist):
                 # A scheduler wants the resources back: keep every finished step, then leave.
                 folder = folder if saved else save_full()
@@ -309,7 +441,8 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
     # 5. Results.
     state.wall_time_s = wall_before + time.perf_counter() - started
     results = {
-        "config": cfg.to_dict(), "tasks": list(cfg.data.tasks), "steps": state.step, "epochs": state.history,
+        "status": "done", "config": cfg.to_dict(), "tasks": list(cfg.data.tasks), "steps": state.step,
+        "epochs": state.history, "skipped_steps": state.skipped_steps, "examples": state.examples_by_task,
         "best": state.best, "started_at": started_at, "finished_at": time.time(),
         "resumed_from_steps": state.resumed_from, "wall_time_s": state.wall_time_s, "train_time_s": state.train_time_s,
         "examples_per_s": state.examples / max(state.train_time_s, 1e-9), "world_size": dist.world_size,
@@ -319,7 +452,10 @@ def train(cfg: RunConfig, dist: DistContext | None = None,
     }
     if dist.is_main:
         sink.hparams(cfg.identity(), {k: v for k, v in state.best.get("metrics", {}).items()})
-        storage.write_text(storage.join(cfg.out, "results.json"), json.dumps(results, indent=2))
+        storage.write_text(results_url(cfg), json.dumps(results, indent=2))
+        if not cfg.keep_final_state:
+            # Done: the best weights, results and logs stay; optimizer state is dead weight.
+            checkpoint.remove_all(cfg.out)
     sink.close()
     return results
 
@@ -335,13 +471,6 @@ def weights_digest(weights: dict) -> str:
 
 def _done(state: TrainState, cfg: RunConfig) -> bool:
     return bool(cfg.optim.max_steps) and state.step >= cfg.optim.max_steps
-
-
-def _differs(a: dict, b: dict) -> list[str]:
-    from mtl.monitor import flatten
-
-    fa, fb = flatten(a), flatten(b)
-    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 
 def _evaluate_and_keep_best(cfg, model, dev_sets, strategy, dist, state: TrainState, sink) -> dict:

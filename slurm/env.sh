@@ -7,7 +7,10 @@
 # `eval "$MTL_SETUP"` (e.g. 'module load anaconda; conda activate mtl'); else $MTL_ROOT/.venv.
 mtl_python() {
     if [ -n "${MTL_SETUP:-}" ]; then
-        eval "$MTL_SETUP"
+        # Activation scripts (conda, Lmod) read unset variables: not under the caller's set -u.
+        set +u
+        eval "$MTL_SETUP" || { echo "error: MTL_SETUP failed: $MTL_SETUP" >&2; exit 2; }
+        set -u
     fi
     python=${MTL_PYTHON:-}
     if [ -z "$python" ]; then

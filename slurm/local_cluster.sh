@@ -27,7 +27,8 @@ PACKAGES=(slurmd slurmctld slurm-client munge slurmdbd mariadb-server)
 say() { echo "local_cluster: $*" >&2; }
 die() { say "error: $*"; exit 1; }
 
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# /proc, not kill -0: a user who is not root cannot signal root's daemons but can see them.
+pid_alive() { [ -f "$1" ] && [ -d "/proc/$(cat "$1")" ]; }
 
 wait_for() {   # wait_for SECONDS WHAT COMMAND...: poll COMMAND every 0.2 s
     local limit=$1 what=$2; shift 2
@@ -92,6 +93,7 @@ configure() {
     host=$(hostname -s)
     node=$(slurmd -C | head -n 1)
     mkdir -p /etc/slurm "$STATE/ctld" "$STATE/d"
+    fake_gpus          # first: it may find no GPU slots possible, and slurm.conf must agree
     write_owned /etc/slurm/slurm.conf <<EOF
 $MARK
 ClusterName=mtl-local
@@ -121,7 +123,6 @@ GresTypes=gpu
 $node$( [ "$GPUS" -gt 0 ] && echo " Gres=gpu:$GPUS" ) State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
-    fake_gpus
     write_owned /etc/slurm/gres.conf <<EOF
 $MARK
 $( [ "$GPUS" -gt 0 ] && echo "NodeName=$host Name=gpu File=$STATE/gpu/fake[0-$((GPUS - 1))]" )

@@ -35,7 +35,7 @@ ray=("$python" -m ray.scripts.scripts)
 
 mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 head=${nodes[0]}
-head_ip=$(getent hosts "$head" | awk '{print $1; exit}')
+head_ip=$(getent hosts "$head" | awk '{print $1; exit}' || true)
 head_ip=${head_ip:-$head}
 base=$((10000 + (SLURM_JOB_ID % 250) * 200))
 port=$base
@@ -70,13 +70,16 @@ trap cleanup EXIT
 trap 'exit 143' INT TERM
 
 echo "Ray head on $head ($head_ip:$port), ${#nodes[@]} node(s), $cpus CPUs and $gpus GPUs each, temp $tmp"
-srun --overlap --nodes=1 --ntasks=1 -w "$head" "${ray[@]}" start --head --node-ip-address="$head_ip" \
+# Each step asks for the node's CPUs and GPUs explicitly: steps do not inherit them everywhere.
+step=(--overlap --ntasks-per-node=1 --cpus-per-task="$cpus")
+if [ "$gpus" -gt 0 ]; then step+=(--gres="gpu:$gpus"); fi
+srun "${step[@]}" --nodes=1 --ntasks=1 -w "$head" "${ray[@]}" start --head --node-ip-address="$head_ip" \
     --port="$port" "${common[@]}" &
 steps+=($!)
 if [ "${#nodes[@]}" -gt 1 ]; then
     sleep 5
     workers=$(( ${#nodes[@]} - 1 ))
-    srun --overlap --nodes="$workers" --ntasks="$workers" --ntasks-per-node=1 --exclude="$head" \
+    srun "${step[@]}" --nodes="$workers" --ntasks="$workers" --exclude="$head" \
         "${ray[@]}" start --address="$head_ip:$port" "${common[@]}" &
     steps+=($!)
 fi

@@ -40,7 +40,7 @@ def make_config(tiny_model_dir, tmp_path):
         base = {"out": str(tmp_path / "run"), "progress": "off", "model.model": tiny_model_dir,
                 "model.max_length": 32, "model.dropout": 0.0, "model.encoder_dropout": 0.0, "optim.epochs": 1, "optim.lr": 1e-3,
                 "data.max_train_rows": 32, "data.max_dev_rows": 16, "optim.batch_size": 4,
-                "log_every_steps": 1}
+                "log_every_steps": 1, "keep_final_state": True}
         base.update(overrides)
         return RunConfig().replace(**base)
     return make

@@ -12,6 +12,8 @@ __all__ = ["COMBINERS", "Combiner", "register", "build_combiner"]
 def build_combiner(cfg: CombinerConfig, tasks: tuple[str, ...], one_task_per_step: bool) -> Combiner:
     if cfg.combiner not in COMBINERS:
         raise ConfigError(f"combiner.combiner: unknown method {cfg.combiner!r} (known: {', '.join(sorted(COMBINERS))})")
+    for name, methods in cfg.unused().items():
+        raise ConfigError(f"combiner.{name}: applies to --combiner {' or '.join(methods)}, not {cfg.combiner}")
     cls = COMBINERS[cfg.combiner]
     if one_task_per_step and cls.needs_all_tasks_per_step and len(tasks) > 1:
         raise ConfigError(f"combiner.combiner: {cfg.combiner!r} needs every task's loss in each step; "

@@ -2,6 +2,7 @@
 nothing behind."""
 import json
 import os
+import shutil
 
 import pytest
 
@@ -52,17 +53,37 @@ def test_unwritable_storage(tiny_model_dir, capsys, url, reason):
     assert code == 2 and len(err) == 1 and url in err[0] and reason in err[0]
 
 
-def test_truncated_checkpoint_is_named(tiny_model_dir, tmp_path, capsys):
+def test_a_corrupt_newest_checkpoint_names_the_intact_one_before_it(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    assert run(base(tiny_model_dir, out), capsys)[0] == 0
-    latest = checkpoint.state_url(checkpoint.latest(str(out)))
-    with open(latest, "r+b") as fh:
-        fh.truncate(os.path.getsize(latest) // 2)
+    args = base(tiny_model_dir, out) + ["--epochs", "2", "--keep-checkpoints", "2", "--keep-final-state", "true"]
+    assert run(args, capsys)[0] == 0
+    (out / "results.json").unlink()              # as if the run died after its last checkpoint
+    newest = checkpoint.latest(str(out))
+    older = sorted(p.name for p in (out / "checkpoints").glob("step-*"))[0]
+    state = checkpoint.state_url(newest)
+    with open(state, "r+b") as fh:
+        fh.truncate(os.path.getsize(state) // 2)
     before = sorted(p.name for p in out.rglob("*"))
-    code, err = run(base(tiny_model_dir, out) + ["--epochs", "2"], capsys)
+    code, err = run(args, capsys)
     assert code == 2 and len(err) == 1
-    assert err[0].startswith(f"error: {latest}: checkpoint is truncated or corrupt")
-    assert sorted(p.name for p in out.rglob("*")) == before
+    assert err[0].startswith(f"error: {state}: checkpoint is truncated or corrupt (")
+    assert err[0].endswith(f"; {older} before it is intact: delete {newest} to resume from {older}")
+    assert sorted(p.name for p in out.rglob("*")) == before           # nothing written
+    shutil.rmtree(newest)                                             # the remedy the error names
+    assert run(args, capsys)[0] == 0
+    assert json.loads((out / "results.json").read_text())["resumed_from_steps"] == [int(older.split("-")[1])]
+
+
+def test_a_corrupt_only_checkpoint_says_to_start_over(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = base(tiny_model_dir, out) + ["--keep-final-state", "true"]
+    assert run(args, capsys)[0] == 0
+    (out / "results.json").unlink()
+    state = checkpoint.state_url(checkpoint.latest(str(out)))
+    with open(state, "wb") as fh:
+        fh.write(b"garbage")
+    code, err = run(args, capsys)
+    assert code == 2 and err[0].endswith(f"; no intact checkpoint before it: delete {out / 'checkpoints'} to start over")
 
 
 def test_help_documents_every_setting(capsys):

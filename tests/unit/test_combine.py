@@ -8,8 +8,21 @@ from mtl.errors import ConfigError
 L = {"sst": torch.tensor(2.0), "para": torch.tensor(3.0), "sts": torch.tensor(5.0)}
 
 
-def test_registry_has_the_methods_of_this_stage():
-    assert {"sum", "scalarize"} <= set(COMBINERS)
+def test_registry_has_exactly_the_five_methods():
+    assert sorted(COMBINERS) == ["dtp", "pcgrad", "scalarize", "sum", "uncertainty"]
+    assert all(cls.name == name for name, cls in COMBINERS.items())
+
+
+@pytest.mark.parametrize("setting, value, owner", [
+    ("alpha", 0.3, "scalarize"), ("weights", "0.5,0.5", "scalarize"), ("pcgrad_on", "representation", "pcgrad"),
+    ("dtp_gamma", 2.0, "dtp"), ("combiner_lr", 0.01, "uncertainty")])
+def test_a_setting_the_chosen_method_ignores_is_refused(setting, value, owner):
+    for method in COMBINERS:
+        cfg = CombinerConfig(combiner=method, **{setting: value})
+        if method == owner:
+            continue
+        with pytest.raises(ConfigError, match=rf"^combiner.{setting}: applies to --combiner {owner}, not {method}$"):
+            build_combiner(cfg, ("sst", "para"), False)
 
 
 def test_sum_adds_losses():

@@ -50,10 +50,15 @@ def test_pcgrad_is_refused_at_start_up_where_zero_partitions_gradients(make_conf
 @pytest.mark.parametrize("stage", [1, 3])
 def test_deepspeed_resumes_from_its_shards(make_config, tmp_path, stage):
     extra = {**COMMON, "parallel.strategy": "deepspeed", "parallel.zero_stage": stage, "optim.epochs": 2}
+    from mtl.stop import StopSignal, TrialStopped
+    from tests.unit.test_stop import stop_at_first_checkpoint
+
     train(make_config(out=str(tmp_path / "whole"), **extra))
-    train(make_config(out=str(tmp_path / "cut"), **{**extra, "optim.epochs": 1}))
+    stop = StopSignal()
+    with pytest.raises(TrialStopped):        # the flag rises at epoch 1's checkpoint, as on preemption
+        train(make_config(out=str(tmp_path / "cut"), **extra), on_checkpoint=stop_at_first_checkpoint(stop), stop=stop)
     res = train(make_config(out=str(tmp_path / "cut"), **extra))     # picks up after epoch 1
-    assert res["steps"] == 12
+    assert res["steps"] == 12 and res["resumed_from_steps"] == [7]   # the step after the flag rose
     assert max_diff(weights(str(tmp_path / "whole")), weights(str(tmp_path / "cut"))) < 1e-6
 
 
