@@ -22,6 +22,7 @@ import time
 from mtl import storage
 from mtl.config import RunConfig
 from mtl.errors import MtlError
+from mtl.lease import Lease
 
 from cluster.placement import Placement
 from cluster.ray_trial import GPU_DEFAULT, ray_storage
@@ -117,45 +118,53 @@ def _driver(config: dict, trials: dict, placement: Placement, storage_root: str)
 
 def run_sweep(trials: list[RunConfig], storage_root: str, placement: Placement | None = None,
               address: str | None = None, verbose: int = 1, wait_for_nodes: int = 0) -> list[dict]:
-    import ray
-    from ray import tune
-    from ray.tune import PlacementGroupFactory
-
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")   # reports block on this poll
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     placement = placement or Placement()
     started = time.perf_counter()
-    failures = {}
     storage.ensure_writable(storage_root)
-    todo = [t for t in trials if not is_finished(t)]
-    log.info("%d trials, %d already finished, %d to run", len(trials), len(trials) - len(todo), len(todo))
-    if todo:
-        if not ray.is_initialized():
-            if address:
-                ray.init(address=address, include_dashboard=False, log_to_driver=verbose > 1)
-                await_nodes(wait_for_nodes)
-            else:
-                start_local_ray(verbose)
-        cluster = ray.cluster_resources()
-        by_name = {trial_name(t): t for t in todo}
-        ray_path, ray_fs = ray_storage(storage.join(storage_root, "_ray"))
-        tuner = tune.Tuner(
-            tune.with_resources(
-                tune.with_parameters(_driver, trials={n: t.to_dict() for n, t in by_name.items()},
-                                     placement=placement, storage_root=storage_root),
-                lambda spec: PlacementGroupFactory([driver_resources(by_name[spec["trial"]], placement, cluster)])),
-            param_space={"trial": tune.grid_search(list(by_name))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent_slots(todo, placement, cluster),
-                                        trial_name_creator=lambda trial: trial.config["trial"],
-                                        trial_dirname_creator=lambda trial: trial.config["trial"]),
-            run_config=tune.RunConfig(name="sweep", storage_path=ray_path, storage_filesystem=ray_fs,
-                                      verbose=verbose),
-        )
-        failures = {r.config["trial"]: _first_line(r.error) for r in tuner.fit() if r.error}
+    # One launch of a sweep at a time: a second would run the same trials beside the first.
+    with Lease(storage_root, "sweep").acquire():
+        failures = _run_todo(trials, storage_root, placement, address, verbose, wait_for_nodes)
     rows = results_table(trials, failures)
     write_table(storage_root, rows)
     log.info("sweep of %d trials done in %.1f s", len(trials), time.perf_counter() - started)
     return rows
+
+
+def _run_todo(trials: list[RunConfig], storage_root: str, placement: Placement, address: str | None, verbose: int,
+              wait_for_nodes: int) -> dict[str, str]:
+    """Run the unfinished trials as one Tune sweep; returns why those Tune saw fail failed."""
+    import ray
+    from ray import tune
+    from ray.tune import PlacementGroupFactory
+
+    todo = [t for t in trials if not is_finished(t)]
+    log.info("%d trials, %d already finished, %d to run", len(trials), len(trials) - len(todo), len(todo))
+    if not todo:
+        return {}
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, include_dashboard=False, log_to_driver=verbose > 1)
+            await_nodes(wait_for_nodes)
+        else:
+            start_local_ray(verbose)
+    cluster = ray.cluster_resources()
+    by_name = {trial_name(t): t for t in todo}
+    ray_path, ray_fs = ray_storage(storage.join(storage_root, "_ray"))
+    tuner = tune.Tuner(
+        tune.with_resources(
+            tune.with_parameters(_driver, trials={n: t.to_dict() for n, t in by_name.items()},
+                                 placement=placement, storage_root=storage_root),
+            lambda spec: PlacementGroupFactory([driver_resources(by_name[spec["trial"]], placement, cluster)])),
+        param_space={"trial": tune.grid_search(list(by_name))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent_slots(todo, placement, cluster),
+                                    trial_name_creator=lambda trial: trial.config["trial"],
+                                    trial_dirname_creator=lambda trial: trial.config["trial"]),
+        run_config=tune.RunConfig(name="sweep", storage_path=ray_path, storage_filesystem=ray_fs,
+                                  verbose=verbose),
+    )
+    return {r.config["trial"]: _first_line(r.error) for r in tuner.fit() if r.error}
 
 
 def _first_line(error: BaseException) -> str:

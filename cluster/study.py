@@ -124,8 +124,10 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
 def expand(grid: str, base: RunConfig, storage_root: str, seeds: list[int]) -> list[RunConfig]:
     """RunConfigs for a grid, each with out=<storage_root>/<trial name>, in a stable order: the
     same arguments give the same list on every machine."""
-    base = with_absolute_paths(base)
     storage_root = absolute(storage_root)
+    if not base.data.cache_dir:      # one token cache for the study (a file per split, safe to share)
+        base = base.replace(**{"data.cache_dir": storage.join(storage_root, "token_cache")})
+    base = with_absolute_paths(base)
     if grid in NAMED:
         combos, fixed = NAMED[grid](), {}
     elif storage.exists(grid):

@@ -23,6 +23,7 @@ from mtl import storage
 from mtl.config import RunConfig
 from mtl.dist import DistContext
 from mtl.errors import MtlError
+from mtl.lease import Lease
 
 from cluster.placement import Placement, time_minutes
 from cluster.study import is_finished, results_table, trial_name, write_table
@@ -58,11 +59,14 @@ def run_submitit(trials: list[RunConfig], root: str, placement: Placement, clust
     storage.ensure_writable(root)
     todo = [t for t in trials if not is_finished(t)]
     print(f"{len(trials)} trials: {len(trials) - len(todo)} finished, {len(todo)} to submit", flush=True)
-    jobs = submit(todo, root, placement, cluster) if todo else []
     if not wait:
+        if todo:
+            submit(todo, root, placement, cluster)
         write_table(root, results_table(trials))
         return None
-    failures = follow(jobs, poll_s)
+    # A waiting launch holds the study: a second one would submit the same trials beside it.
+    with Lease(root, "sweep").acquire():
+        failures = follow(submit(todo, root, placement, cluster), poll_s) if todo else {}
     rows = results_table(trials, failures)
     write_table(root, rows)
     return rows

@@ -43,6 +43,9 @@ def is_ephemeral(url: str) -> bool:
 
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
+    # Object-store filesystems cache listings per process; another process (a trial, a peer
+    # rank, a second launch) may have written since: always ask the store itself.
+    fs.invalidate_cache(path)
     return fs.exists(path)
 
 
@@ -112,6 +115,7 @@ def remove_partial_writes(url: str) -> int:
 def listdir(url: str) -> list[str]:
     """Base names of the entries in a folder (empty if it does not exist)."""
     fs, path = filesystem(url)
+    fs.invalidate_cache(path)
     if not fs.exists(path):
         return []
     return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))

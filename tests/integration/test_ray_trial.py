@@ -85,7 +85,7 @@ def trial_config(tiny_model_dir, tmp_path_factory):
                 "model.max_length": 32, "model.dropout": 0.0, "model.encoder_dropout": 0.0,
                 "data.tasks": "sst,para", "data.max_train_rows": 64, "data.max_dev_rows": 32,
                 "optim.epochs": 6, "optim.lr": 1e-3, "optim.batch_size": 4,
-                "parallel.workers": 2, "log_every_steps": 4}
+                "parallel.workers": 2, "log_every_steps": 4, "keep_final_state": True}
         base.update(overrides)
         base = {k: v for k, v in base.items() if v is not None}
         return RunConfig().replace(**base)

@@ -7,6 +7,21 @@ from mtl import checkpoint, storage
 from mtl.errors import CheckpointError
 
 
+def test_the_pointer_is_written_after_the_state_and_old_ones_go_only_after_it(tmp_path, monkeypatch):
+    """The order of writes is what makes a kill at any moment safe: state, then the pointer,
+    then pruning.  Recorded as it happens."""
+    events = []
+    write, remove = storage.write_bytes, storage.remove
+    monkeypatch.setattr(storage, "write_bytes", lambda url, data: (events.append(("write", url)), write(url, data)))
+    monkeypatch.setattr(storage, "remove", lambda url, recursive=False: (events.append(("remove", url)),
+                                                                        remove(url, recursive)))
+    for step in (1, 2):
+        checkpoint.save(str(tmp_path), {"model": {"w": torch.tensor([float(step)])}, "step": step}, step, keep=1)
+    names = [(kind, url.split(str(tmp_path) + "/checkpoints/")[1]) for kind, url in events]
+    assert names == [("write", "step-00000001/state.pt"), ("write", "latest.json"),
+                     ("write", "step-00000002/state.pt"), ("write", "latest.json"), ("remove", "step-00000001")]
+
+
 def test_pointer_is_published_last_and_old_checkpoints_are_pruned(tmp_path):
     out = str(tmp_path)
     assert checkpoint.latest(out) is None

@@ -43,6 +43,9 @@ def test_local_paths_become_absolute_and_urls_stay(tmp_path, monkeypatch):
     (t,) = expand("weighting", base, "runs/w", seeds=[0])[:1]
     assert t.out == str(tmp_path / "runs" / "w" / "sst+para+sts-sum-s0")
     assert t.data.data_dir == str(tmp_path / "data") and t.data.cache_dir == "s3://b/cache"
+    # By default every trial of a study shares one token cache at its root.
+    shared = {u.data.cache_dir for u in expand("weighting", RunConfig(), "runs/w", seeds=[0, 1])}
+    assert shared == {str(tmp_path / "runs" / "w" / "token_cache")}
     assert t.model.model == "embedded:all-MiniLM-L6-v2"
     assert expand("weighting", base, "memory://w", seeds=[0])[0].out == "memory://w/sst+para+sts-sum-s0"
 
@@ -154,3 +157,27 @@ def test_the_slurm_and_submitit_paths_never_import_ray():
             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_names_that_the_rule_cannot_tell_apart_all_get_a_suffix_from_what_varies(tmp_path):
+    grid = tmp_path / "g.yaml"
+    grid.write_text("axes:\n  tasks: ['sst,para']\n  combiner: [pcgrad]\n  parallel.workers: [1, 2]\n")
+    names = sorted(trial_name(t) for t in expand(str(grid), RunConfig(), "/s", seeds=[0]))
+    assert len(names) == 2 and all(n.startswith("sst+para-pcgrad-s0-") for n in names)
+    again = sorted(trial_name(t) for t in expand(str(grid), RunConfig().replace(**{"data.data_dir": "/elsewhere"}),
+                                                  "/other", seeds=[0]))
+    assert again == names          # the suffix comes from the grid, not from where the study runs
+
+
+def test_a_storage_holding_other_settings_is_refused(tmp_path):
+    from cluster.study import check_storage
+
+    trials = expand("smoke", RunConfig(), str(tmp_path), seeds=[0])
+    old = trials[0].replace(**{"optim.lr": 3e-5})
+    (tmp_path / "sst-sum-s0").mkdir()
+    (tmp_path / "sst-sum-s0" / "results.json").write_text(json.dumps({"status": "done", "config": old.to_dict()}))
+    with pytest.raises(ConfigError, match=r"sst-sum-s0 holds a trial with other settings \(optim.lr 3e-05 -> 1e-05\)"):
+        check_storage(trials)
+    (tmp_path / "sst-sum-s0" / "results.json").write_text(json.dumps({"status": "done",
+                                                                      "config": trials[0].to_dict()}))
+    check_storage(trials)
