@@ -133,6 +133,23 @@ def test_the_helper_submits_what_is_missing_and_follows_it(tiny_model_dir, tmp_p
     assert [r["status"] for r in json.loads((store / "results.json").read_text())] == ["done"] * 3
 
 
+def test_a_diverged_trial_fails_alone_and_the_table_says_why(tiny_model_dir, tmp_path, env):
+    store = tmp_path / "study"
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("axes:\n  tasks: [sst]\n  optim.lr: [0.001, 1000000.0]\n")
+    run = helper(["--grid", str(grid), "--storage", str(store), "--gpus-per-worker", "0", "--wait",
+                  *tiny(tiny_model_dir, rows=32, epochs=2)], env)
+    assert run.returncode == 1 and "1/2 trials done, 1 failed (sst-sum-lr1000000.0-s0)" in run.stdout
+    rows = {r["trial"]: r for r in json.loads((store / "results.json").read_text())}
+    assert rows["sst-sum-lr0.001-s0"]["status"] == "done"
+    assert rows["sst-sum-lr1000000.0-s0"]["status"] == "failed"
+    assert rows["sst-sum-lr1000000.0-s0"]["error"].startswith("step 2: the loss of task sst is nan")
+    # A rerun leaves the failed trial alone (it would diverge again) and submits nothing.
+    again = helper(["--grid", str(grid), "--storage", str(store), "--gpus-per-worker", "0",
+                    *tiny(tiny_model_dir, rows=32, epochs=2)], env)
+    assert "2 finished, 0 tasks queued or running, 0 to submit" in again.stdout
+
+
 def test_an_array_task_can_run_several_trials_side_by_side(tiny_model_dir, tmp_path, env):
     store = tmp_path / "study"
     grid = tmp_path / "grid.yaml"

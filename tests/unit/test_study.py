@@ -181,3 +181,14 @@ def test_a_storage_holding_other_settings_is_refused(tmp_path):
     (tmp_path / "sst-sum-s0" / "results.json").write_text(json.dumps({"status": "done",
                                                                       "config": trials[0].to_dict()}))
     check_storage(trials)
+
+
+def test_a_second_launch_of_the_same_sweep_is_refused_at_once(tmp_path):
+    """The Ray sweep holds its storage root: a second launch would run the same trials beside it."""
+    from cluster.ray_sweep import run_sweep
+    from mtl.lease import Lease, LeaseHeld
+
+    trials = expand("smoke", RunConfig(), str(tmp_path), seeds=[0])
+    with Lease(str(tmp_path), "sweep").acquire():
+        with pytest.raises(LeaseHeld, match=rf"^{tmp_path} is in use by sweep of "):
+            run_sweep(trials, str(tmp_path), verbose=0)
