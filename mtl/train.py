@@ -227,8 +227,8 @@ class Inputs:
     tokenizer: object
     prior: str | None            # the newest checkpoint's folder, when resuming
     resumed: dict | None         # its contents
-    started: float = field(default_factory=time.perf_counter)
-    started_at: float = field(default_factory=time.time)
+    started: float               # perf_counter and wall clock when the trial began
+    started_at: float
 
 
 def train(cfg: RunConfig, dist: DistContext | None = None, on_checkpoint: Callable[[dict], None] | None = None,
