@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,16 +37,23 @@ class RawSplit:
     task: str
     url: str
     texts: list[tuple[str, ...]]
-    labels: list[float]
+    labels: list[float]            # NaN throughout for a split without labels (a test set)
     skipped: int
     digest: str    # of the file's bytes: part of the tokenization cache key
+    ids: list[str] = field(default_factory=list)    # the file's "id" column (row numbers if it has none)
+
+    @property
+    def labelled(self) -> bool:
+        return not self.labels or self.labels[0] == self.labels[0]
 
     def __len__(self) -> int:
         return len(self.labels)
 
 
-def read_split(data_dir: str, task: TaskSpec, split: str, on_bad_row: str = "error", max_rows: int = 0) -> RawSplit:
-    """Read one task file (tab-separated, header row, quoted fields) and check every row."""
+def read_split(data_dir: str, task: TaskSpec, split: str, on_bad_row: str = "error", max_rows: int = 0,
+               labels_optional: bool = False) -> RawSplit:
+    """Read one task file (tab-separated, header row, quoted fields) and check every row.
+    With ``labels_optional`` a file without the label column (a test split) reads as unlabelled."""
     url = storage.join(resolve_data_dir(data_dir), task.file(split))
     try:
         raw = storage.read_bytes(url)
@@ -61,17 +69,22 @@ def read_split(data_dir: str, task: TaskSpec, split: str, on_bad_row: str = "err
     needed = (*task.text_columns, task.label_column)
     if header is None:
         raise DataError(f"{url}: file is empty (expected a header with {', '.join(needed)})")
+    labelled = not labels_optional or task.label_column in header
+    if not labelled:
+        needed = task.text_columns
     missing = [c for c in needed if c not in header]
     if missing:
         raise DataError(f"{url}:1: header lacks column {missing[0]!r} (found: {', '.join(h for h in header if h)})")
     where = [header.index(c) for c in needed]
-    texts, labels, skipped = [], [], 0
+    id_at = header.index("id") if "id" in header else None
+    texts, labels, ids, skipped = [], [], [], 0
     line = reader.line_num + 1
     for row in reader:
-        reason = _row_problem(row, where, needed, task)
+        reason = _row_problem(row, where, needed, task, labelled)
         if reason is None:
-            texts.append(tuple(row[i].strip() for i in where[:-1]))
-            labels.append(task.parse_label(row[where[-1]]))
+            texts.append(tuple(row[i].strip() for i in where[:len(task.text_columns)]))
+            labels.append(task.parse_label(row[where[-1]]) if labelled else math.nan)
+            ids.append(row[id_at].strip() if id_at is not None and id_at < len(row) else str(len(ids)))
         elif on_bad_row == "skip":
             skipped += 1
         else:
@@ -81,27 +94,30 @@ def read_split(data_dir: str, task: TaskSpec, split: str, on_bad_row: str = "err
         # Task files are often ordered (by source or label): the first N rows can be far from the
         # data's distribution.  A fixed-seed subset in file order is the same for every trial.
         keep = sorted(random.Random(SUBSET_SEED).sample(range(len(labels)), max_rows))
-        texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
+        texts, labels, ids = [texts[i] for i in keep], [labels[i] for i in keep], [ids[i] for i in keep]
     if skipped:
         log.warning("%s: skipped %d malformed row(s)", url, skipped)
     if not labels:
         raise DataError(f"{url}: no usable rows")
-    return RawSplit(task.name, url, texts, labels, skipped, hashlib.sha256(raw).hexdigest())
+    return RawSplit(task.name, url, texts, labels, skipped, hashlib.sha256(raw).hexdigest(), ids)
 
 
-def _row_problem(row: list[str], where: list[int], needed: tuple[str, ...], task: TaskSpec) -> str | None:
+def _row_problem(row: list[str], where: list[int], needed: tuple[str, ...], task: TaskSpec,
+                 labelled: bool = True) -> str | None:
     if not any(cell.strip() for cell in row):
         return "empty row"
     for i, name in zip(where, needed):
         if i >= len(row):
             return f"missing column {name!r}"
-    for i, name in zip(where[:-1], needed[:-1]):
+    n_text = len(task.text_columns)
+    for i, name in zip(where[:n_text], needed[:n_text]):
         if not row[i].strip():
             return f"empty {name}"
-    try:
-        task.parse_label(row[where[-1]])
-    except ValueError as exc:
-        return str(exc)
+    if labelled:
+        try:
+            task.parse_label(row[where[-1]])
+        except ValueError as exc:
+            return str(exc)
     return None
 
 

@@ -29,7 +29,8 @@ def hparam_value(value):
 
 class NullSink:
     def scalars(self, step: int, values: dict[str, float]) -> None: ...
-    def hparams(self, config: dict, metrics: dict[str, float]) -> None: ...
+    def start_session(self, config: dict, metric_names: list[str]) -> None: ...
+    def end_session(self, ok: bool) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
 
@@ -52,9 +53,26 @@ class TensorBoardSink(NullSink):
         for name, value in values.items():
             self.writer.add_scalar(name, value, step)
 
-    def hparams(self, config: dict, metrics: dict[str, float]) -> None:
+    def start_session(self, config: dict, metric_names: list[str]) -> None:
+        """Declare this run an HParams session from its start, so the dashboard lists it while
+        it trains; its metric values are the ``hparam/<metric>`` scalars (best so far)."""
+        from torch.utils.tensorboard.summary import hparams
+
         hp = {k: hparam_value(v) for k, v in flatten(config).items()}
-        self.writer.add_hparams(hp, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+        experiment, start, self._end = hparams(hp, {f"hparam/{m}": 0.0 for m in metric_names})
+        self.writer.file_writer.add_summary(experiment)
+        self.writer.file_writer.add_summary(start)
+
+    def end_session(self, ok: bool) -> None:
+        from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+        from tensorboard.plugins.hparams.api_pb2 import Status
+        from tensorboard.plugins.hparams.metadata import PLUGIN_DATA_VERSION, PLUGIN_NAME, SESSION_END_INFO_TAG
+        from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
+
+        end = SessionEndInfo(status=Status.Value("STATUS_SUCCESS" if ok else "STATUS_FAILURE"))
+        content = HParamsPluginData(session_end_info=end, version=PLUGIN_DATA_VERSION).SerializeToString()
+        meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME, content=content))
+        self.writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=SESSION_END_INFO_TAG, metadata=meta)]))
 
     def flush(self) -> None:
         self.writer.flush()

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from mtl import checkpoint, storage
+from mtl import checkpoint, export, storage
 from mtl.combine import Combiner, build_combiner
 from mtl.config import RunConfig
 from mtl.errors import ConfigError, MtlError, TrialFailed
@@ -55,6 +55,7 @@ class TrainState:
     skipped_steps: int = 0        # fp16 steps the loss scaler skipped (overflowing gradients)
     conflict_steps: int = 0       # steps whose task gradients conflicted, of those measured
     measured_steps: int = 0
+    cos_sums: dict = field(default_factory=dict)   # task pair -> sum of its gradients' cosines, measured steps
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,24 +194,35 @@ def train_step(number: int, step: Step, model: MultiTaskModel, strategy: TorchSt
 # Evaluation
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model: MultiTaskModel, dev: dict, batch_size: int, strategy: TorchStrategy, device) -> dict[str, float]:
+def predict(model: MultiTaskModel, dev: dict, batch_size: int, autocast, device) -> dict[str, torch.Tensor]:
+    """Each task's predictions (in label space), in the order of its examples."""
     was_training = model.training
     model.eval()
-    metrics: dict[str, float] = {}
+    predictions = {}
     for task, enc in dev.items():
         spec = TASKS[task]
         order = eval_order(enc)
         preds = []
         for chunk in order.split(batch_size):
-            with strategy.autocast():
+            with autocast():
                 out = model.task_output(task, make_batch(enc, chunk).to(device))
             preds.append(spec.output(out).cpu())
         pred = torch.empty(len(enc), dtype=preds[0].dtype)
         pred[order] = torch.cat(preds)
-        for name, value in spec.metrics(pred, enc.labels).items():
-            metrics[f"{task}/{name}"] = value
-    metrics["mean"] = sum(metrics[f"{t}/{TASKS[t].primary_metric}"] for t in dev) / len(dev)
+        predictions[task] = pred
     model.train(was_training)
+    return predictions
+
+
+def metric_names(tasks) -> list[str]:
+    return [f"{t}/{m}" for t in tasks for m in TASKS[t].metric_names] + ["mean"]
+
+
+def score(predictions: dict[str, torch.Tensor], dev: dict) -> dict[str, float]:
+    """Each task's dev metrics and their 'mean' over the tasks' primary metrics."""
+    metrics = {f"{t}/{name}": value for t, pred in predictions.items()
+               for name, value in TASKS[t].metrics(pred, dev[t].labels).items()}
+    metrics["mean"] = sum(metrics[f"{t}/{TASKS[t].primary_metric}"] for t in predictions) / len(predictions)
     return metrics
 
 
@@ -354,6 +366,7 @@ def run(cfg: RunConfig, dist: DistContext, inputs: Inputs, lease: Lease | None,
         log.info("resumed %s at step %d (epoch %d)", cfg.out, state.step, state.epoch)
 
     sink = TensorBoardSink(cfg.out, state.step) if dist.is_main else NullSink()
+    sink.start_session(cfg.identity(), metric_names(cfg.data.tasks))
     bar = progress_bar(total_steps, state.step, cfg.progress, dist.is_main, f"{'+'.join(cfg.data.tasks)}")
     wall_before = state.wall_time_s
 
@@ -383,12 +396,20 @@ def run(cfg: RunConfig, dist: DistContext, inputs: Inputs, lease: Lease | None,
             tick = time.perf_counter()
             every = cfg.combiner.conflict_every
             probe = bool(every) and strategy.whole_parameters and (state.step + 1) % every == 0
-            stats, gram = train_step(state.step + 1, step, model, strategy, combiner, train_sets, dist,
-                                     probe_conflict=probe)
+            try:
+                stats, gram = train_step(state.step + 1, step, model, strategy, combiner, train_sets, dist,
+                                         probe_conflict=probe)
+            except TrialFailed:
+                sink.end_session(ok=False)
+                sink.close()
+                raise
             if gram is not None and len(gram[0]) > 1 and every:
                 conflict, conflicted = conflict_stats(*gram)
                 state.measured_steps += 1
                 state.conflict_steps += conflicted
+                for name, value in conflict.items():
+                    if name.startswith("grad_cos/"):
+                        state.cos_sums[name[len("grad_cos/"):]] = state.cos_sums.get(name[len("grad_cos/"):], 0.0) + value
                 conflict["grad_conflict/fraction"] = state.conflict_steps / state.measured_steps
                 sink.scalars(state.step + 1, conflict)
             state.examples += sum(step.global_count.values())
@@ -431,7 +452,7 @@ def run(cfg: RunConfig, dist: DistContext, inputs: Inputs, lease: Lease | None,
         last = state.epoch >= cfg.optim.epochs or _done(state, cfg)
         record = None
         if state.epoch % cfg.eval_every_epochs == 0 or last:
-            record = _evaluate_and_keep_best(cfg, model, dev_sets, strategy, dist, state, sink)
+            record = _evaluate_and_keep_best(cfg, model, dev_sets, raw_dev, tokenizer, strategy, dist, state, sink)
             combiner.after_evaluation(record["metrics"])
         save_full(record)
         sink.flush()
@@ -448,10 +469,11 @@ def run(cfg: RunConfig, dist: DistContext, inputs: Inputs, lease: Lease | None,
         "examples_per_s": state.examples / max(state.train_time_s, 1e-9), "world_size": dist.world_size,
         "skipped_rows": {t: raw_train[t].skipped + raw_dev[t].skipped for t in raw_train},
         "grad_conflict_fraction": state.conflict_steps / state.measured_steps if state.measured_steps else None,
+        "grad_cos_mean": {pair: total / state.measured_steps for pair, total in state.cos_sums.items()},
         "weights_digest": weights_digest(strategy.full_state_dict()),
     }
     if dist.is_main:
-        sink.hparams(cfg.identity(), {k: v for k, v in state.best.get("metrics", {}).items()})
+        sink.end_session(ok=True)
         storage.write_text(results_url(cfg), json.dumps(results, indent=2))
         if not cfg.keep_final_state:
             # Done: the best weights, results and logs stay; optimizer state is dead weight.
@@ -473,22 +495,26 @@ def _done(state: TrainState, cfg: RunConfig) -> bool:
     return bool(cfg.optim.max_steps) and state.step >= cfg.optim.max_steps
 
 
-def _evaluate_and_keep_best(cfg, model, dev_sets, strategy, dist, state: TrainState, sink) -> dict:
+def _evaluate_and_keep_best(cfg, model, dev_sets, raw_dev, tokenizer, strategy, dist, state: TrainState,
+                            sink) -> dict:
     # Every rank scores the whole (small) dev set: identical metrics everywhere without a gather,
     # which the KPI-driven combiners (DTP on dev) and best-weights choice rely on.
-    metrics = evaluate(model, dev_sets, cfg.optim.batch_size * 4, strategy, dist.device)
-    score = metrics[cfg.select_metric]
-    record = {"epoch": state.epoch, "step": state.step, "metrics": metrics, "score": score}
+    predictions = predict(model, dev_sets, cfg.optim.batch_size * 4, strategy.autocast, dist.device)
+    metrics = score(predictions, dev_sets)
+    value = metrics[cfg.select_metric]
+    record = {"epoch": state.epoch, "step": state.step, "metrics": metrics, "score": value}
     state.history.append(record)
     sink.scalars(state.step, {f"dev/{k}": v for k, v in metrics.items()})
-    if score > state.best_score:
-        state.best_score = score
+    if value > state.best_score:
+        state.best_score = value
         state.best = record
         weights = strategy.full_state_dict()
         if dist.is_main:
-            storage.save_torch(storage.join(cfg.out, "best", "model.pt"),
-                               {"model": weights, "metrics": metrics, "epoch": state.epoch,
-                                "step": state.step, "config": cfg.to_dict()})
+            export.save_best(cfg.out, model, weights, tokenizer,
+                             {"metrics": metrics, "epoch": state.epoch, "step": state.step, "config": cfg.to_dict()},
+                             {t: {"ids": raw_dev[t].ids, "pred": p.tolist(), "gold": raw_dev[t].labels}
+                              for t, p in predictions.items()})
+        sink.scalars(state.step, {f"hparam/{k}": v for k, v in metrics.items()})   # best so far, for HParams
     log.info("epoch %d step %d dev %s", state.epoch, state.step,
              " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return {**record, "best_score": state.best_score}

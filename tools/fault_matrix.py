@@ -195,12 +195,12 @@ def build(m: Matrix) -> None:
         args = ["--epochs", "2", "--keep-final-state", "true"]
         m.run(out, *args)
         (out / "results.json").unlink()
-        (out / "best" / "model.pt.tmp-0badc0de").write_bytes(b"half")
+        (out / "best" / "meta.json.tmp-0badc0de").write_bytes(b"half")
         (out / "checkpoints" / "step-00000099").mkdir()
         done = m.run(out, *args)
         left = [p.name for p in (out / "best").iterdir()] + [p.name for p in (out / "checkpoints").iterdir()]
         return f"exit {done.returncode}; left {sorted(left)}", done.returncode == 0 and \
-            "model.pt.tmp-0badc0de" not in left and "step-00000099" not in left
+            "meta.json.tmp-0badc0de" not in left and "step-00000099" not in left
 
     @m.case("malformed data row", "exit 2 naming file, line and reason; nothing written")
     def _(out):

@@ -71,7 +71,7 @@ def test_a_trial_writes_its_run_folder_to_s3(s3, tiny_model_dir):
     s3.invalidate_cache()
     results = json.loads(s3.cat("mtl-test/one/results.json"))
     assert results["status"] == "done" and results["steps"] == 8
-    assert s3.exists("mtl-test/one/best/model.pt")
+    assert s3.exists("mtl-test/one/best/encoder/model.safetensors") and s3.exists("mtl-test/one/best/meta.json")
     assert any("tfevents" in p for p in s3.find("mtl-test/one/tb"))
     assert not s3.exists("mtl-test/one/checkpoints") and not s3.exists("mtl-test/one/.lease.json")
 

@@ -157,10 +157,10 @@ def test_leftovers_of_a_killed_writer_are_cleaned_at_start(tiny_model_dir, tmp_p
     args = base(tiny_model_dir, out, "--keep-final-state", "true", "--epochs", "2")
     assert run(args, capsys)[0] == 0
     (out / "results.json").unlink()
-    (out / "best" / "model.pt.tmp-0badc0de").write_bytes(b"half")          # a torn atomic write
+    (out / "best" / "meta.json.tmp-0badc0de").write_bytes(b"half")          # a torn atomic write
     (out / "checkpoints" / "step-00000099" / "shards").mkdir(parents=True)  # a save never published
     assert run(args, capsys)[0] == 0
-    assert not (out / "best" / "model.pt.tmp-0badc0de").exists()
+    assert not (out / "best" / "meta.json.tmp-0badc0de").exists()
     assert not (out / "checkpoints" / "step-00000099").exists()
 
 

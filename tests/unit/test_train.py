@@ -8,6 +8,7 @@ import time
 
 import fsspec
 import pytest
+import torch
 
 from mtl import checkpoint, storage
 from tests.helpers import first_step_gradients
@@ -122,7 +123,7 @@ def test_storage_can_be_any_fsspec_url(make_config):
     assert saved["steps"] == res["steps"] and saved["config"]["out"] == out
     assert checkpoint.latest(out).endswith(f"step-{res['steps']:08d}")
     assert any("tfevents" in p for p in fs.find("/mtl-test-run/tb"))
-    assert fs.exists("/mtl-test-run/best/model.pt")
+    assert fs.exists("/mtl-test-run/best/encoder/model.safetensors") and fs.exists("/mtl-test-run/best/meta.json")
 
 
 def test_results_and_tensorboard_record_the_run(make_config, tmp_path):
@@ -136,8 +137,20 @@ def test_results_and_tensorboard_record_the_run(make_config, tmp_path):
     assert [e["epoch"] for e in saved["epochs"]] == [1, 2]
     assert saved["best"]["score"] == max(e["metrics"]["mean"] for e in saved["epochs"])
     assert saved["examples_per_s"] > 0 and saved["wall_time_s"] >= saved["train_time_s"] > 0
-    best = storage.load_torch(str(tmp_path / "run" / "best" / "model.pt"))
-    assert best["epoch"] == saved["best"]["epoch"]
+    best = json.loads((tmp_path / "run" / "best" / "meta.json").read_text())
+    assert best["epoch"] == saved["best"]["epoch"] and best["metrics"] == saved["best"]["metrics"]
+    # The best model in Hugging Face's format: the encoder loads with AutoModel as any other.
+    from transformers import AutoModel
+    from mtl.export import load_best, read_predictions
+
+    encoder = AutoModel.from_pretrained(str(tmp_path / "run" / "best" / "encoder"))
+    model, loaded_cfg, meta, _ = load_best(str(tmp_path / "run"))
+    assert loaded_cfg == cfg and all(torch.equal(a, b) for a, b in zip(encoder.state_dict().values(),
+                                                                         model.encoder.state_dict().values()))
+    # Its dev predictions recompute its dev metrics.
+    predictions = read_predictions(str(tmp_path / "run"))
+    sst = predictions["sst"]
+    assert sum(p == g for p, g in zip(sst["pred"], sst["gold"])) / len(sst["gold"]) == best["metrics"]["sst/acc"]
 
     acc = EventAccumulator(str(tmp_path / "run" / "tb"))
     acc.Reload()
@@ -145,7 +158,8 @@ def test_results_and_tensorboard_record_the_run(make_config, tmp_path):
     assert {"loss/sst", "loss/para", "loss/combined", "weight/sst", "lr", "examples_per_s", "dev/mean"} <= tags
     assert [e.value for e in acc.Scalars("weight/sst")][0] == pytest.approx(0.3)
     assert len(acc.Scalars("dev/sst/acc")) == 2
-    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(acc.PluginTagToContent("hparams"))
+    assert {"_hparams_/experiment", "_hparams_/session_start_info",
+            "_hparams_/session_end_info"} <= set(acc.PluginTagToContent("hparams"))
     assert "hparam/mean" in tags
     assert res["world_size"] == 1
 

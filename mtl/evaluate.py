@@ -1,0 +1,87 @@
+"""Score a trial's best model on any split and write its predictions as the course's
+leaderboard takes them.
+
+    python -m mtl.evaluate runs/x --split dev                       # the trial's own data
+    python -m mtl.evaluate runs/x/best --split test --data-dir /data/minbert --out predictions/
+
+Writes ``<sst|para|sts>-<split>-output.csv`` for each of the trial's tasks (a header
+``id \\t Predicted_...``, then ``<id> , <prediction>`` per example, in file order), with the
+trial's own tokenizer, max length and pair encoding.  A split without labels (a test set) gets
+predictions only; a labelled one also prints its metrics as JSON.  For the dev split the
+trial's own row limit applies, so the scores are the ones it recorded.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+
+import torch
+
+from mtl import storage
+from mtl.data import encode_split, read_split
+from mtl.export import load_best
+from mtl.tasks import TASKS
+
+
+def predictions_csv(task: str, ids: list[str], pred: torch.Tensor) -> str:
+    spec = TASKS[task]
+    values = [str(int(v)) if task == "sst" else (f"{float(v):.1f}" if task == "para" else repr(float(v)))
+              for v in pred.tolist()]
+    return f"id \t {spec.output_header} \n" + "".join(f"{i} , {v} \n" for i, v in zip(ids, values))
+
+
+def read_predictions_csv(text: str) -> dict[str, float]:
+    """id -> prediction, from a file predictions_csv wrote (or the leaderboard's own)."""
+    rows = text.splitlines()[1:]
+    return {i.strip(): float(v) for i, _, v in (row.partition(",") for row in rows if row.strip())}
+
+
+def evaluate(path: str, split: str, data_dir: str | None = None, out: str | None = None,
+             device: str = "cpu") -> dict:
+    """Predictions for each of the trial's tasks on ``split``; returns the metrics (empty for an
+    unlabelled split) and writes the CSV files to ``out`` (default: <trial>/predictions)."""
+    from mtl.train import predict, score
+
+    model, cfg, meta, tokenizer = load_best(path, device)
+    data_dir = data_dir or cfg.data.data_dir
+    out = out or storage.join(path.rstrip("/").removesuffix("/best"), "predictions")
+    rows = cfg.data.max_dev_rows if split == "dev" and data_dir == cfg.data.data_dir else 0
+    raw = {t: read_split(data_dir, TASKS[t], split, cfg.data.on_bad_row, rows, labels_optional=True)
+           for t in cfg.data.tasks}
+    siamese = cfg.model.pair_encoding == "siamese"
+    encoded = {t: encode_split(r, TASKS[t], tokenizer, cfg.model.max_length, siamese, None) for t, r in raw.items()}
+    # fp32: the best weights are fp32, and the scores must be the recorded ones.
+    preds = predict(model, encoded, cfg.optim.batch_size * 4, contextlib.nullcontext, torch.device(device))
+    for t, pred in preds.items():
+        storage.write_text(storage.join(out, f"{t}-{split}-output.csv"), predictions_csv(t, raw[t].ids, pred))
+    labelled = {t: p for t, p in preds.items() if raw[t].labelled}
+    return score(labelled, {t: encoded[t] for t in labelled}) if labelled else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mtl.cli import guarded
+
+    p = argparse.ArgumentParser(prog="python -m mtl.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("trial", help="a trial's run folder or its best/ folder (any fsspec URL)")
+    p.add_argument("--split", default="dev", help="dev, test or train: <task>-<split>.csv in the data folder")
+    p.add_argument("--data-dir", default=None, help="folder or URL of the task files (default: the trial's)")
+    p.add_argument("--out", default=None, help="where the CSV files go (default: <trial>/predictions)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    def work() -> int:
+        from mtl.train import check_device
+
+        check_device(args.device)
+        metrics = evaluate(args.trial, args.split, args.data_dir, args.out, args.device)
+        print(json.dumps({"split": args.split, "metrics": metrics}))
+        return 0
+    return guarded(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

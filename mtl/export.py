@@ -1,0 +1,99 @@
+"""A trial's best model, kept in Hugging Face's format so users load and share it as any encoder:
+
+    best/encoder/            config.json, model.safetensors, tokenizer files (save_pretrained)
+    best/heads.safetensors   the task heads (heads.<task>.net.*)
+    best/dev_predictions.json  per dev example: id, prediction, gold label, for each task
+    best/meta.json           the run configuration, metrics, epoch and step (written last)
+
+    from transformers import AutoModel
+    encoder = AutoModel.from_pretrained("runs/x/best/encoder")
+    model, cfg, meta, tokenizer = mtl.export.load_best("runs/x")   # encoder and heads, ready to score
+
+Files are written one by one (an object store has no folder rename).  A trial killed half-way
+through writing them re-evaluates the same epoch when it resumes (deterministically, to the same
+score) and writes them all again, so a torn best/ never outlives the resume."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+
+from mtl import storage
+from mtl.config import RunConfig
+from mtl.errors import CheckpointError
+
+ENCODER, HEADS, META, PREDICTIONS = "encoder", "heads.safetensors", "meta.json", "dev_predictions.json"
+
+
+def best_folder(path: str) -> str:
+    """A trial folder or its best/ folder -> the best/ folder."""
+    return path if storage.exists(storage.join(path, META)) else storage.join(path, "best")
+
+
+def save_best(out: str, model, weights: dict, tokenizer, meta: dict, predictions: dict) -> None:
+    """``weights`` is the whole model's state dict (gathered under ZeRO 3), ``model`` the module
+    whose encoder knows how to save itself."""
+    from safetensors.torch import save
+
+    folder = storage.join(out, "best")
+    local = tempfile.mkdtemp(prefix="mtl-best-")
+    try:
+        encoder = {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")}
+        model.encoder.save_pretrained(local, state_dict=encoder, safe_serialization=True)
+        tokenizer.save_pretrained(local)
+        for name in sorted(os.listdir(local)):
+            with open(os.path.join(local, name), "rb") as fh:
+                storage.write_bytes(storage.join(folder, ENCODER, name), fh.read())
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    heads = {k: v.detach().cpu().contiguous() for k, v in weights.items() if k.startswith("heads.")}
+    storage.write_bytes(storage.join(folder, HEADS), save(heads))
+    storage.write_text(storage.join(folder, PREDICTIONS), json.dumps(predictions))
+    storage.write_text(storage.join(folder, META), json.dumps(meta, indent=2))
+
+
+def read_meta(path: str) -> dict:
+    url = storage.join(best_folder(path), META)
+    if not storage.exists(url):
+        raise CheckpointError(f"{path}: no best model (neither {path}/best/{META} nor {path}/{META})")
+    return json.loads(storage.read_text(url))
+
+
+def load_best(path: str, device: str = "cpu"):
+    """(model in eval mode, config, meta, tokenizer) of a trial's best weights."""
+    from safetensors.torch import load
+
+    from mtl.model import build_model
+    from mtl.tasks import TASKS
+
+    folder = best_folder(path)
+    meta = read_meta(path)
+    cfg = RunConfig.from_dict(meta["config"])
+    local = tempfile.mkdtemp(prefix="mtl-best-")
+    try:
+        for name in storage.listdir(storage.join(folder, ENCODER)):
+            with open(os.path.join(local, name), "wb") as fh:
+                fh.write(storage.read_bytes(storage.join(folder, ENCODER, name)))
+        model = build_model(dataclasses.replace(cfg.model, model=local), [TASKS[t] for t in cfg.data.tasks])
+        tokenizer = _tokenizer(local)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    missing, unexpected = model.load_state_dict(load(storage.read_bytes(storage.join(folder, HEADS))), strict=False)
+    heads_missing = [k for k in missing if k.startswith("heads.")]
+    if heads_missing or unexpected:
+        raise CheckpointError(f"{folder}/{HEADS}: does not fit the trial's heads "
+                              f"(missing {heads_missing[:2]}, unexpected {unexpected[:2]})")
+    return model.to(device).eval(), cfg, meta, tokenizer
+
+
+def _tokenizer(local: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(local)
+
+
+def read_predictions(path: str) -> dict:
+    return json.loads(storage.read_text(storage.join(best_folder(path), PREDICTIONS)))
+
