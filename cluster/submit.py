@@ -18,12 +18,14 @@ import argparse
 import logging
 import sys
 
+from mtl import storage
 from mtl.cli import add_config_flags, config_from_args
 from mtl.config import RunConfig
 from mtl.errors import ConfigError, MtlError
 
 from cluster.placement import Placement, add_placement_flags, placement_from_args
-from cluster.study import NAMED, absolute, check_storage, expand, parse_seeds, slot_count
+from cluster.study import (NAMED, absolute, check_storage, expand, parse_seeds, slot_count,
+                           write_tensorboard_experiment)
 
 BACKENDS = ("ray", "slurm", "submitit")
 PROGS = {"ray": "launch/ray_submit.py", "slurm": "launch/slurm_submit.py", "submitit": "launch/submitit_sweep.py"}
@@ -56,6 +58,8 @@ def build_parser(backend: str | None) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the trial list and exit")
     p.add_argument("--count", action="store_true",
                    help="print the number of array tasks (trials / --trials-per-task) and exit")
+    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="write the study's report (<storage>/report/) when the sweep has been followed to its end")
     if backend in (None, "ray"):
         p.add_argument("--address", default=None, help="Ray cluster: 'auto', 'host:port', 'ray://host:port' "
                                                         "(default: start a local Ray with this machine's CPUs and GPUs)")
@@ -127,7 +131,13 @@ def main(argv: list[str] | None = None, backend: str | None = None) -> int:
         print(f"{len(trials)} trials")
         return 0
     try:
+        storage.ensure_writable(root)
+        write_tensorboard_experiment(trials, root)
         rows = run_backend(trials, root, placement, args)
+        if rows is not None and args.report and any(r["status"] == "done" for r in rows):
+            from cluster.report import write_report
+
+            print(f"report: {storage.join(write_report(root), 'report.md')}")
     except MtlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

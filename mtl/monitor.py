@@ -59,8 +59,11 @@ class TensorBoardSink(NullSink):
         from torch.utils.tensorboard.summary import hparams
 
         hp = {k: hparam_value(v) for k, v in flatten(config).items()}
-        experiment, start, self._end = hparams(hp, {f"hparam/{m}": 0.0 for m in metric_names})
-        self.writer.file_writer.add_summary(experiment)
+        # The session's start only: the experiment (which settings the dashboard shows as columns)
+        # is the study's, written once at its root by the launcher (TensorBoard takes the first
+        # experiment it finds, so a trial's own would hide it).  A run on its own has none and
+        # the dashboard lists every setting.
+        _, start, _ = hparams(hp, {f"hparam/{m}": 0.0 for m in metric_names})
         self.writer.file_writer.add_summary(start)
 
     def end_session(self, ok: bool) -> None:

@@ -10,7 +10,7 @@ import fsspec
 import pytest
 import torch
 
-from mtl import checkpoint, storage
+from mtl import checkpoint
 from tests.helpers import first_step_gradients
 from mtl.train import train
 
@@ -158,8 +158,7 @@ def test_results_and_tensorboard_record_the_run(make_config, tmp_path):
     assert {"loss/sst", "loss/para", "loss/combined", "weight/sst", "lr", "examples_per_s", "dev/mean"} <= tags
     assert [e.value for e in acc.Scalars("weight/sst")][0] == pytest.approx(0.3)
     assert len(acc.Scalars("dev/sst/acc")) == 2
-    assert {"_hparams_/experiment", "_hparams_/session_start_info",
-            "_hparams_/session_end_info"} <= set(acc.PluginTagToContent("hparams"))
+    assert {"_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(acc.PluginTagToContent("hparams"))
     assert "hparam/mean" in tags
     assert res["world_size"] == 1
 
