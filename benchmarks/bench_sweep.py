@@ -1,6 +1,6 @@
 """Scheduling overhead of a Ray Tune sweep, and Ray's startup cost per trial, measured in one run.
 
-    .venv/bin/python benchmarks/bench_sweep.py                           # 4 smoke trials at two sizes
+    .venv/bin/python benchmarks/bench_sweep.py                           # 6 smoke trials at two sizes
     .venv/bin/python benchmarks/bench_sweep.py --train-rows 96 --workers 0   # the smoke grid as it is
 
 For each trial size (``--train-rows``, rows per task) it runs the grid on a fresh local Ray

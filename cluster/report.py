@@ -117,14 +117,20 @@ def _read_trial(root: str, name: str) -> Trial:
     return trial
 
 
-# Settings the report shows in its own way (tasks, combination, seed) or that follow from them.
-_SHOWN = ("data.tasks", "combiner.", "seed", "parallel.")
+# Settings the report shows in its own way (tasks, combination, seed), and how the batch is split
+# (workers x batch x accumulation: the same steps as one worker with the whole batch; the global
+# batch stands for them).
+_SHOWN = ("data.tasks", "combiner.", "seed", "parallel.", "optim.batch_size", "optim.grad_accum")
 
 
 def _name_variants(root: str, trials: dict[str, Trial]) -> None:
     """Other settings that vary across the study (an lr axis, say) become part of the row label,
     so that runs of different settings are never averaged together."""
-    identities = [t._identity for t in trials.values()]       # noqa: SLF001
+    identities = []
+    for t in trials.values():
+        i = t._identity                                      # noqa: SLF001
+        i["global batch"] = i["optim.batch_size"] * i["optim.grad_accum"] * i["parallel.workers"]
+        identities.append(i)
     keys = sorted({k for i in identities for k in i})
     varied = [k for k in keys if not k.startswith(_SHOWN) and len({json.dumps(i.get(k)) for i in identities}) > 1]
     for t in trials.values():
@@ -280,15 +286,16 @@ def answers(trials: list[Trial], tests: dict) -> list[str]:
             continue
         (_, grouping, label), best = max(mine.items(), key=lambda kv: kv[1])
         partner = "+".join(t for t in grouping.split("+") if t != task)
+        sig = tests.get((task, grouping, label), {})
+        verdict = "" if sig.get("p") is None else (", significant" if sig.get("significant") else ", not significant")
+        head = (f"best partner **{partner}** ({_pct(best)} with {label}{verdict})" if best > 0 else
+                f"no partner helps; the least harm is with **{partner}** ({_pct(best)} with {label}{verdict})")
         by_method: dict = defaultdict(list)
         for (_, _, lab), v in mine.items():
             by_method[lab].append(v)
-        method, avg = max(((m, sum(v) / len(v)) for m, v in by_method.items()), key=lambda mv: mv[1])
-        sig = tests.get((task, grouping, label), {})
-        verdict = "" if sig.get("p") is None else (" (significant)" if sig.get("significant") else
-                                                   " (not significant)")
-        lines.append(f"- **{TASKS[task].title}** ({task}): best partner **{partner}** ({_pct(best)} with {label}"
-                     f"{verdict}); best combiner on average over its pairings **{method}** ({_pct(avg)}).")
+        method, values = max(by_method.items(), key=lambda mv: sum(mv[1]) / len(mv[1]))
+        lines.append(f"- **{TASKS[task].title}** ({task}): {head}; best combiner **{method}** (mean change "
+                     f"{_pct(sum(values) / len(values))} over its {len(values)} pairing{'s' * (len(values) > 1)}).")
     both = []
     for grouping in sorted({k[1] for k in mean if k[1].count("+") == 1}):
         tasks = grouping.split("+")
@@ -422,7 +429,8 @@ def _table(abs_scores, ch, tests, task, groupings, csv) -> list[str]:
             a = abs_scores.get((task, g, label), {})
             c = ch.get((task, g, label), {})
             star = " *" if tests.get((task, g, label), {}).get("significant") else ""
-            cells.append(f"{_cell(a, 4)} ({_cell(c, 1, signed=True)}%){star}" if a else "")
+            change = f" ({_cell(c, 1, signed=True)}%){star}" if c else " (no baseline)"
+            cells.append(f"{_cell(a, 4)}{change}" if a else "")
             if a:
                 row = {"task": task, "grouping": g, "method": label, "score_mean": mean_std(a.values())[0],
                        "score_std": mean_std(a.values())[1], "seeds": len(a)}

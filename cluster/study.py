@@ -59,12 +59,16 @@ def weighting_axes() -> list[dict]:
 
 
 def smoke_axes() -> list[dict]:
-    """A few short trials for a laptop: two single tasks, a pair by addition, and the pair by
-    PCGrad on 2 data-parallel workers."""
+    """The study in miniature, minutes on a laptop CPU with --preset smoke: the three single-task
+    baselines, PAR with SIM (the reference study's clearest help) and with SEN by addition, and
+    PAR with SIM by PCGrad on 2 data-parallel workers of half the batch each (the same steps as one
+    worker: DDP is exact)."""
     return [{"data.tasks": "sst", "combiner.combiner": "sum"},
             {"data.tasks": "para", "combiner.combiner": "sum"},
+            {"data.tasks": "sts", "combiner.combiner": "sum"},
+            {"data.tasks": "para,sts", "combiner.combiner": "sum"},
             {"data.tasks": "sst,para", "combiner.combiner": "sum"},
-            {"data.tasks": "sst,para", "combiner.combiner": "pcgrad", "parallel.workers": 2}]
+            {"data.tasks": "para,sts", "combiner.combiner": "pcgrad", "parallel.workers": 2, "optim.batch_size": 8}]
 
 
 NAMED = {"pairings": pairings_axes, "weighting": weighting_axes, "smoke": smoke_axes}

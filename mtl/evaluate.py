@@ -53,8 +53,11 @@ def evaluate(path: str, split: str, data_dir: str | None = None, out: str | None
            for t in cfg.data.tasks}
     siamese = cfg.model.pair_encoding == "siamese"
     encoded = {t: encode_split(r, TASKS[t], tokenizer, cfg.model.max_length, siamese, None) for t, r in raw.items()}
-    # fp32: the best weights are fp32, and the scores must be the recorded ones.
-    preds = predict(model, encoded, cfg.optim.batch_size * 4, contextlib.nullcontext, torch.device(device))
+    # The trial's own precision (it evaluated under the same autocast), so the scores are the recorded ones.
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    kind = torch.device(device).type
+    autocast = (lambda: torch.autocast(kind, dtype=dtype)) if dtype else contextlib.nullcontext
+    preds = predict(model, encoded, cfg.optim.batch_size * 4, autocast, torch.device(device))
     for t, pred in preds.items():
         storage.write_text(storage.join(out, f"{t}-{split}-output.csv"), predictions_csv(t, raw[t].ids, pred))
     labelled = {t: p for t, p in preds.items() if raw[t].labelled}

@@ -76,7 +76,14 @@ def load_best(path: str, device: str = "cpu"):
         for name in storage.listdir(storage.join(folder, ENCODER)):
             with open(os.path.join(local, name), "wb") as fh:
                 fh.write(storage.read_bytes(storage.join(folder, ENCODER, name)))
-        model = build_model(dataclasses.replace(cfg.model, model=local), [TASKS[t] for t in cfg.data.tasks])
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()       # the saved encoder has no pooler (the heads pool): no report
+        try:
+            model = build_model(dataclasses.replace(cfg.model, model=local), [TASKS[t] for t in cfg.data.tasks])
+        finally:
+            hf_logging.set_verbosity(verbosity)
         tokenizer = _tokenizer(local)
     finally:
         shutil.rmtree(local, ignore_errors=True)

@@ -82,27 +82,29 @@ def helper(args: list[str], env: dict, timeout: float = 300) -> subprocess.Compl
 
 # --------------------------------------------------------------------------------------------
 def test_sweep_script_by_hand_then_the_helper_finds_every_trial_done(tiny_model_dir, tmp_path, env):
-    """`sbatch slurm/sweep.sh` as its header says, on the 4-trial smoke grid (one trial of 2 DDP
+    """`sbatch slurm/sweep.sh` as its header says, on the 6-trial smoke grid (one trial of 2 DDP
     workers): every task COMPLETED, one row per trial; the helper then submits nothing."""
     store, logs = tmp_path / "study", tmp_path / "logs"
     logs.mkdir()
     count = helper(["--grid", "smoke", "--storage", str(store), "--count", *tiny(tiny_model_dir)], env)
-    assert count.returncode == 0 and count.stdout.strip() == "4"
+    assert count.returncode == 0 and count.stdout.strip() == "6"
     started = time.monotonic()
-    job = sbatch(["--array=0-3", "--gres=none", "--cpus-per-task=1", f"--output={logs}/%x-%A_%a.out",
+    job = sbatch(["--array=0-5", "--gres=none", "--cpus-per-task=1", f"--output={logs}/%x-%A_%a.out",
                   "slurm/sweep.sh", "--grid", "smoke", "--storage", str(store), *tiny(tiny_model_dir)], env)
     final = wait_ended(job)
-    print(f"4-task array, submit to all COMPLETED: {time.monotonic() - started:.1f} s")
-    assert final == {0: "COMPLETED", 1: "COMPLETED", 2: "COMPLETED", 3: "COMPLETED"}
-    assert results(store / "sst+para-pcgrad-s0")["world_size"] == 2
+    print(f"6-task array, submit to all COMPLETED: {time.monotonic() - started:.1f} s")
+    assert final == {i: "COMPLETED" for i in range(6)}
+    assert results(store / "para+sts-pcgrad-batch_size8-s0")["world_size"] == 2
 
     again = helper(["--grid", "smoke", "--storage", str(store), "--gpus-per-worker", "0", "--wait",
                     *tiny(tiny_model_dir)], env)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "4 trials in 4 array tasks: 4 finished, 0 tasks queued or running, 0 to submit" in again.stdout
+    assert "6 trials in 6 array tasks: 6 finished, 0 tasks queued or running, 0 to submit" in again.stdout
     rows = json.loads((store / "results.json").read_text())
     assert [(r["trial"], r["status"]) for r in rows] == [
-        ("sst-sum-s0", "done"), ("para-sum-s0", "done"), ("sst+para-sum-s0", "done"), ("sst+para-pcgrad-s0", "done")]
+        (n, "done") for n in ("sst-sum-s0", "para-sum-s0", "sts-sum-s0", "para+sts-sum-s0", "sst+para-sum-s0",
+                              "para+sts-pcgrad-batch_size8-s0")]
+    assert (store / "report" / "report.md").exists()      # a followed sweep ends with its report
     # Finished trials are never run again, even when their array task runs again.
     stamp = (store / "sst-sum-s0" / "results.json").stat().st_mtime
     rerun = sbatch(["--array=0", "--gres=none", "--cpus-per-task=1", f"--output={logs}/rerun-%A_%a.out",
@@ -239,7 +241,7 @@ def test_bad_input_fails_the_task_at_once_with_one_line(tiny_model_dir, tmp_path
     logs = tmp_path / "logs"
     logs.mkdir()
     base = ["--gres=none", "--cpus-per-task=1", "slurm/sweep.sh", "--grid", "smoke", *tiny(tiny_model_dir)]
-    beyond = sbatch(["--array=4", f"--output={logs}/beyond-%A_%a.out", *base, "--storage", str(tmp_path / "s")], env)
+    beyond = sbatch(["--array=6", f"--output={logs}/beyond-%A_%a.out", *base, "--storage", str(tmp_path / "s")], env)
     unwritable = sbatch(["--array=0", f"--output={logs}/unwritable-%A_%a.out", *base, "--storage", "/proc/mtl-study"],
                         env)
     no_env = sbatch(["--array=0", f"--output={logs}/noenv-%A_%a.out", *base, "--storage", str(tmp_path / "s")],
@@ -248,7 +250,7 @@ def test_bad_input_fails_the_task_at_once_with_one_line(tiny_model_dir, tmp_path
         assert list(wait_ended(job, timeout=60).values()) == ["FAILED"]
     lines = {name: [line for line in next(logs.glob(f"{name}-*")).read_text().splitlines() if line.strip()]
              for name in ("beyond", "unwritable", "noenv")}
-    assert lines["beyond"][-1] == "error: array index 4 is beyond the grid: 4 trials, so indices 0-3"
+    assert lines["beyond"][-1] == "error: array index 6 is beyond the grid: 6 trials, so indices 0-5"
     assert lines["unwritable"][-1].startswith("error: storage /proc/mtl-study is not writable")
     assert lines["noenv"] == ["error: /nonexistent/python cannot import cluster.slurm_array: set MTL_PYTHON to the "
                               "environment's python, or MTL_SETUP to the line that activates it"]

@@ -18,7 +18,7 @@ def trained(tiny_model_dir, tmp_path_factory):
     cfg = RunConfig().replace(out=str(out), progress="off", **{
         "model.model": tiny_model_dir, "model.max_length": 32, "data.tasks": "sst,para,sts",
         "data.max_train_rows": 32, "data.max_dev_rows": 24, "optim.batch_size": 4, "optim.epochs": 2,
-        "optim.lr": 1e-3})
+        "optim.lr": 1e-3, "precision": "bf16"})      # scored again under the trial's own autocast
     return cfg, train(cfg)
 
 

@@ -25,12 +25,12 @@ def test_bad_placement_is_one_line():
 
 
 def test_each_array_asks_for_what_its_trials_need():
-    trials = expand("smoke", RunConfig(), "/s", seeds=[0])        # three 1-worker trials, one of 2 workers
+    trials = expand("smoke", RunConfig(), "/s", seeds=[0])        # five 1-worker trials, one of 2 workers
     # SLURM clusters are GPU clusters: one GPU per worker unless told otherwise.
-    assert _by_shape(trials, [0, 1, 2, 3], Placement()) == {(1, 1): [0, 1, 2], (2, 2): [3]}
-    assert _by_shape(trials, [0, 3], Placement(gpus_per_worker=0, cpus_per_worker=4)) == {(4, 0): [0], (8, 0): [3]}
-    # Two trials per task: the task holds what both need.
-    assert _by_shape(trials, [0, 1], Placement(gpus_per_worker=0.5, trials_per_task=2)) == {(2, 1): [0], (3, 2): [1]}
+    assert _by_shape(trials, list(range(6)), Placement()) == {(1, 1): [0, 1, 2, 3, 4], (2, 2): [5]}
+    assert _by_shape(trials, [0, 5], Placement(gpus_per_worker=0, cpus_per_worker=4)) == {(4, 0): [0], (8, 0): [5]}
+    # Two trials per task: the task holds what both need (fractional GPUs add up before rounding).
+    assert _by_shape(trials, [0, 2], Placement(gpus_per_worker=0.5, trials_per_task=2)) == {(2, 1): [0], (3, 2): [2]}
 
 
 def test_array_specs_as_sacct_prints_them():

@@ -125,12 +125,12 @@ def test_answers_come_from_the_numbers(study):
     root, _ = study
     md = (root / "report" / "report.md").read_text()
     answers = md.split("## Answers")[1].split("##")[0]
-    assert "**SEN** (sst): best partner **para** (+10.0% with α=0.6" in answers
-    assert "best combiner on average over its pairings **α=0.6** (+10.0%)" in answers
+    assert "**SEN** (sst): best partner **para** (+10.0% with α=0.6, significant)" in answers
+    assert "best combiner **α=0.6** (mean change +10.0% over its 1 pairing)" in answers
     assert "sst+para with addition (sst +9.0%, para +4.0%)" in answers
     assert "sst+para with α=0.4" in answers and "sst+para with α=0.6" in answers
     assert "sst+para with α=0.2" not in answers               # para's weight 0.8: para harmed
-    assert "**SIM** (sts): best partner **sst** (+0.1% with addition (not significant))" in answers
+    assert "**SIM** (sts): best partner **sst** (+0.1% with addition, not significant)" in answers
 
 
 def test_figures_and_conflict(study):
@@ -157,3 +157,4 @@ def test_one_seed_claims_no_significance(tmp_path):
     md = (tmp_path / "report" / "report.md").read_text()
     assert "With one seed no significance can be claimed" in md and " *" not in md.split("## Answers")[0]
     assert "(+20.0%)" in md and "(-12.5%)" in md
+    assert "**PAR** (para): no partner helps; the least harm is with **sst** (-12.5% with addition)" in md

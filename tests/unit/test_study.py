@@ -88,10 +88,10 @@ def test_results_table_has_one_row_per_trial_from_its_own_results(tmp_path):
         (tmp_path / t.out.rsplit("/", 1)[-1] / "results.json").write_text(json.dumps({
             "best": {"epoch": 1, "metrics": {"mean": 0.5}}, "steps": 4, "wall_time_s": 2.0,
             "train_time_s": 1.0, "examples_per_s": 3.0, "world_size": 1}))
-    assert [is_finished(t) for t in trials] == [True, True, True, False]
+    assert [is_finished(t) for t in trials] == [True, True, True, False, False, False]
     rows = results_table(trials)
-    assert [r["status"] for r in rows] == ["done", "done", "done", "missing"]
-    assert rows[0]["data.tasks"] == "sst" and rows[3]["parallel.workers"] == 2 and rows[0]["dev/mean"] == 0.5
+    assert [r["status"] for r in rows] == ["done", "done", "done", "missing", "missing", "missing"]
+    assert rows[0]["data.tasks"] == "sst" and rows[5]["parallel.workers"] == 2 and rows[0]["dev/mean"] == 0.5
     assert "out" not in rows[0] and "progress" not in rows[0]        # where and how it logs: not what it computes
     write_table(str(tmp_path), rows)
     assert (tmp_path / "results.csv").read_text().splitlines()[0].startswith("trial,status,")
@@ -99,21 +99,21 @@ def test_results_table_has_one_row_per_trial_from_its_own_results(tmp_path):
 
 
 def test_concurrency_never_lets_drivers_starve_their_workers():
-    trials = expand("smoke", RunConfig(), "runs/x", seeds=[0])      # three 1-worker trials, one of 2 workers
+    trials = expand("smoke", RunConfig(), "runs/x", seeds=[0])      # five 1-worker trials, one of 2 workers
     two = next(t for t in trials if t.parallel.workers == 2)
     budgets, p = {"CPU": 2.0, "mtl_cpus": 2.0}, Placement()
     # With budgets (a local Ray): each driver reserves exactly its workers' CPUs and no CPU itself.
     assert driver_resources(two, p, budgets) == {"CPU": 0, "mtl_cpus": 2}
     assert driver_resources(trials[0], p, budgets) == {"CPU": 0, "mtl_cpus": 1}
     assert concurrent_slots(trials, p, budgets) == 2                   # two 1-worker trials at once
-    assert concurrent_slots(trials, p, {"CPU": 8.0, "mtl_cpus": 8.0}) == 4
+    assert concurrent_slots(trials, p, {"CPU": 8.0, "mtl_cpus": 8.0}) == 6          # all of them
     assert concurrent_slots(trials, Placement(cpus_per_worker=2), {"CPU": 8.0, "mtl_cpus": 8.0}) == 4
     assert driver_resources(two, Placement(gpus_per_worker=0.5), budgets) == {"CPU": 0, "mtl_cpus": 2, "mtl_gpus": 1}
     # Without (a cluster we did not start): only as many as the largest trial allows.
     assert driver_resources(two, p, {"CPU": 4.0}) == {"CPU": 0, "memory": 1 << 20}   # a bundle may not be empty
     assert concurrent_slots(trials, p, {"CPU": 2.0}) == 1
     assert concurrent_slots(trials, p, {"CPU": 4.0}) == 2
-    with pytest.raises(RuntimeError, match=r"sst\+para-pcgrad-s0 does not fit the cluster: it needs 2 CPUs"):
+    with pytest.raises(RuntimeError, match=r"para\+sts-pcgrad-batch_size8-s0 does not fit the cluster: it needs 2 CPUs"):
         concurrent_slots(trials, p, {"CPU": 1.0, "mtl_cpus": 1.0})
 
 
@@ -146,7 +146,8 @@ def test_placement_is_not_identity(tmp_path):
     assert RunConfig.from_dict(old) == b
     # Grids name trials the same whatever the placement flags of the launch were.
     names = [trial_name(t) for t in expand("smoke", RunConfig(), "/s", seeds=[0])]
-    assert names == ["sst-sum-s0", "para-sum-s0", "sst+para-sum-s0", "sst+para-pcgrad-s0"]
+    assert names == ["sst-sum-s0", "para-sum-s0", "sts-sum-s0", "para+sts-sum-s0", "sst+para-sum-s0",
+                     "para+sts-pcgrad-batch_size8-s0"]
 
 
 def test_the_slurm_and_submitit_paths_never_import_ray():
