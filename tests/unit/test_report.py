@@ -158,3 +158,19 @@ def test_one_seed_claims_no_significance(tmp_path):
     assert "With one seed no significance can be claimed" in md and " *" not in md.split("## Answers")[0]
     assert "(+20.0%)" in md and "(-12.5%)" in md
     assert "**PAR** (para): no partner helps; the least harm is with **sst** (-12.5% with addition)" in md
+
+
+def test_a_study_on_any_fsspec_url(study):
+    """The report reads trials and writes itself through fsspec: here a memory:// study."""
+    import fsspec
+
+    root, _ = study
+    fs = fsspec.filesystem("memory")
+    for path in root.rglob("*"):
+        if path.is_file() and "report" not in path.parts:
+            fs.pipe_file(f"/report-study/{path.relative_to(root)}", path.read_bytes())
+    out = report.write_report("memory://report-study")
+    assert out == "memory://report-study/report"
+    md = fs.cat_file("/report-study/report/report.md").decode()
+    assert "29 trials: 27 done, 1 failed, 1 missing" in md
+    assert fs.cat_file("/report-study/report/alpha-curves.png")[:4] == b"\x89PNG"
