@@ -235,6 +235,12 @@ class RunConfig:
     log_every_steps: int = _help("TensorBoard scalars every N optimizer steps", identity=False, default=10)
     progress: str = _help("terminal progress bar: auto (when a terminal), on, off", identity=False, default="auto")
     device: str = _help("auto, cpu, cuda or cuda:N", identity=False, default="auto")
+    compile: bool = _help("torch.compile the encoder (dynamic shapes: the first steps of each kind compile, "
+                          "then run faster; results equal within floating-point tolerance)", identity=False,
+                          default=False)
+    pad_to_multiple: int = _help("pad each batch's length up to a multiple of N (fewer shapes to compile; "
+                                 "tensor-core friendly); 0: 16 with --compile, else 1 (the longest sequence)",
+                                 identity=False, default=0)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -247,6 +253,7 @@ class RunConfig:
         for name in ("eval_every_epochs", "keep_checkpoints", "log_every_steps"):
             _require(getattr(self, name) >= 1, name, "must be >= 1")
         _require(self.save_every_steps >= 0, "save_every_steps", "must be >= 0")
+        _require(self.pad_to_multiple >= 0, "pad_to_multiple", "must be >= 0")
         _require(self.progress in ("auto", "on", "off"), "progress", f"{self.progress!r} is not auto|on|off")
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
                  f"{self.device!r} is not auto, cpu or cuda[:N]")
@@ -255,6 +262,10 @@ class RunConfig:
             _require(task in self.data.tasks and bool(metric), "select_metric",
                      f"{self.select_metric!r} is not 'mean' or task/metric for a task of this run")
         # Cross-section checks live with the sections' owners (the combiner registry checks its own fit).
+
+    @property
+    def pad_multiple(self) -> int:
+        return self.pad_to_multiple or (16 if self.compile else 1)
 
     # --- dict form -------------------------------------------------------------------------
     def to_dict(self) -> dict:

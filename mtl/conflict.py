@@ -11,43 +11,30 @@ import torch
 
 from mtl.dist import DistContext
 
-TaskGrads = dict[str, list]     # task -> per shared parameter: its gradient, or None where unreached
+
+def flat_gradient(grads: list, params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """One task's per-parameter gradients as one vector (a copy; None counts as zeros)."""
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
 
 
-def gram_matrix(task_grads: TaskGrads, tasks: list[str]) -> torch.Tensor:
-    """G_ij summed over parameters, float64; a None gradient counts as zero."""
-    n = len(next(iter(task_grads.values())))
-    gram = torch.zeros(len(tasks), len(tasks), dtype=torch.float64)
-    for k in range(n):
-        for a, ta in enumerate(tasks):
-            ga = task_grads[ta][k]
-            if ga is None:
-                continue
-            for b in range(a, len(tasks)):
-                gb = task_grads[tasks[b]][k]
-                if gb is not None:
-                    gram[a, b] += float(torch.dot(ga.reshape(-1).float(), gb.reshape(-1).float()))
-    return gram + gram.triu(1).T
-
-
-def average_over_workers(grads: list, params: list[torch.nn.Parameter], dist: DistContext) -> list[torch.Tensor]:
-    """One coalesced all-reduce of a task's per-parameter gradients (None as zeros)."""
-    flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
-    dist.all_reduce_mean(flat)
-    return [g.view_as(p) for g, p in zip(torch.split(flat, [p.numel() for p in params]), params)]
+def gram_of_rows(rows: torch.Tensor) -> torch.Tensor:
+    """G = R R^T for the tasks' flat gradients as the rows of R: one matmul on R's device
+    (fp32 accumulation, for a bf16 R on a float32 copy), then one host sync to bring the
+    T x T result back as float64 (the surgery and the statistics branch on its values)."""
+    rows = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
+    return (rows @ rows.T).double().cpu()
 
 
 def probe_gram(losses: dict[str, torch.Tensor], params: list[torch.nn.Parameter],
                dist: DistContext) -> tuple[list[str], torch.Tensor]:
-    """The Gram matrix of the tasks' gradients of ``params`` (averaged over workers), leaving
-    the graph for the real backward."""
-    grads = {}
-    for task, loss in losses.items():
-        grads[task] = list(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
-        if dist.distributed:
-            grads[task] = average_over_workers(grads[task], params, dist)
+    """The Gram matrix of the tasks' gradients of ``params`` (averaged over workers, one
+    collective for all tasks), leaving the graph for the real backward.  Costs one extra
+    backward per task and a T x N copy."""
     tasks = list(losses)
-    return tasks, gram_matrix(grads, tasks)
+    rows = torch.stack([flat_gradient(torch.autograd.grad(losses[t], params, retain_graph=True, allow_unused=True),
+                                      params) for t in tasks])
+    dist.all_reduce_mean(rows)
+    return tasks, gram_of_rows(rows)
 
 
 def conflict_stats(tasks: list[str], gram: torch.Tensor) -> tuple[dict[str, float], bool]:

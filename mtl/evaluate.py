@@ -57,7 +57,7 @@ def evaluate(path: str, split: str, data_dir: str | None = None, out: str | None
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     kind = torch.device(device).type
     autocast = (lambda: torch.autocast(kind, dtype=dtype)) if dtype else contextlib.nullcontext
-    preds = predict(model, encoded, cfg.optim.batch_size * 4, autocast, torch.device(device))
+    preds = predict(model, encoded, cfg.optim.batch_size * 4, autocast, torch.device(device), cfg.pad_multiple)
     for t, pred in preds.items():
         storage.write_text(storage.join(out, f"{t}-{split}-output.csv"), predictions_csv(t, raw[t].ids, pred))
     labelled = {t: p for t, p in preds.items() if raw[t].labelled}

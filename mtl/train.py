@@ -91,7 +91,11 @@ def build_optimizer(cfg: RunConfig, model: torch.nn.Module, combiner: Combiner) 
     extra = [p for p in combiner.parameters() if p.requires_grad]
     if extra:
         groups.append({"params": extra, "weight_decay": 0.0, "lr": cfg.combiner.combiner_lr or o.lr})
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    # Fused: one kernel set for all parameters instead of a few per parameter tensor (on a GPU
+    # each is a launch).  Same update within rounding.  DeepSpeed wraps the optimizer in its
+    # own mixed-precision machinery: it gets the default implementation.
+    fused = cfg.parallel.strategy == "ddp"
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
 
 
 def build_scheduler(cfg: RunConfig, optimizer, total_steps: int):
@@ -147,17 +151,20 @@ def check_model_path(model: str) -> None:
 # One optimizer step
 # --------------------------------------------------------------------------------------------
 def train_step(number: int, step: Step, model: MultiTaskModel, strategy: TorchStrategy, combiner: Combiner,
-               encoded: dict, dist: DistContext, probe_conflict: bool = False) -> tuple[dict, dict | None]:
+               encoded: dict, dist: DistContext, probe_conflict: bool = False,
+               pad_multiple: int = 1) -> tuple[dict, dict | None]:
     """Optimizer step ``number``.  Returns the step's scalars, and the Gram matrix of the tasks'
     gradients of the shared parameters when it was computed (by the combiner, or the probe).
     A non-finite loss or gradient norm raises TrialFailed before the weights take it (fp16's
     scaler skipping an overflowing step is allowed: ``stats["skipped"]`` counts it)."""
-    task_loss = {t: 0.0 for t in step.global_count}
-    total = 0.0
+    # Losses stay on the device until the step's one host sync below: a float() per
+    # micro-batch would stall the host until the GPU caught up, every micro-batch.
+    task_loss: dict[str, torch.Tensor] = {}
+    total = None
     probed = None
     for i, micro in enumerate(step.micro):
         last = i == len(step.micro) - 1
-        batches = {t: make_batch(encoded[t], idx).to(dist.device) for t, idx in micro.items()}
+        batches = {t: make_batch(encoded[t], idx, pad_multiple).to(dist.device) for t, idx in micro.items()}
         with strategy.accumulating(last, combiner):
             with strategy.autocast():
                 outputs = strategy.forward(batches)
@@ -168,11 +175,15 @@ def train_step(number: int, step: Step, model: MultiTaskModel, strategy: TorchSt
             combiner.observe(outputs, batches)
             if probe_conflict and i == 0 and len(losses) > 1:
                 probed = probe_gram(losses, model.shared_parameters(), dist)
-            total += float(combiner.backward(losses, strategy.backward, share=1.0 / len(step.micro)))
+            combined = combiner.backward(losses, strategy.backward, share=1.0 / len(step.micro)).float()
+            total = combined if total is None else total + combined
         for t, loss in losses.items():
-            task_loss[t] += float(loss.detach())
-    # The global loss of each task (one small collective): every rank decides alike below.
-    task_loss = dist.average(task_loss)
+            task_loss[t] = task_loss[t] + loss.detach().float() if t in task_loss else loss.detach().float()
+    # The global losses (one small collective) and the step's one host sync: every rank
+    # decides alike below, and the divergence guard needs the numbers.
+    names = list(task_loss)
+    values = dist.all_reduce_mean(torch.stack([task_loss[t] for t in names] + [total])).tolist()
+    task_loss, total = dict(zip(names, values[:-1])), values[-1]
     for t, value in task_loss.items():
         if not math.isfinite(value):
             raise TrialFailed(f"step {number}: the loss of task {t} is {value} (training diverged; a lower --lr "
@@ -194,7 +205,8 @@ def train_step(number: int, step: Step, model: MultiTaskModel, strategy: TorchSt
 # Evaluation
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def predict(model: MultiTaskModel, dev: dict, batch_size: int, autocast, device) -> dict[str, torch.Tensor]:
+def predict(model: MultiTaskModel, dev: dict, batch_size: int, autocast, device,
+            pad_multiple: int = 1) -> dict[str, torch.Tensor]:
     """Each task's predictions (in label space), in the order of its examples."""
     was_training = model.training
     model.eval()
@@ -205,7 +217,7 @@ def predict(model: MultiTaskModel, dev: dict, batch_size: int, autocast, device)
         preds = []
         for chunk in order.split(batch_size):
             with autocast():
-                out = model.task_output(task, make_batch(enc, chunk).to(device))
+                out = model.task_output(task, make_batch(enc, chunk, pad_multiple).to(device))
             preds.append(spec.output(out).cpu())
         pred = torch.empty(len(enc), dtype=preds[0].dtype)
         pred[order] = torch.cat(preds)
@@ -341,6 +353,10 @@ def run(cfg: RunConfig, dist: DistContext, inputs: Inputs, lease: Lease | None,
     dev_sets = tokenize_all(cfg, tasks, raw_dev, dist, tokenizer)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, tasks).to(dist.device)
+    if cfg.compile:
+        # In place, so the weights keep their names (checkpoints work with and without it).
+        # Dynamic shapes: batch widths vary; one graph serves them rather than one per width.
+        model.encoder.compile(dynamic=True)
     combiner.to(dist.device)
     combiner.bind(model, dist, cfg.seed)
     sampler = MultiTaskSampler({t: len(e) for t, e in train_sets.items()}, cfg.data, cfg.optim, cfg.seed,
@@ -398,7 +414,7 @@ def run(cfg: RunConfig, dist: DistContext, inputs: Inputs, lease: Lease | None,
             probe = bool(every) and strategy.whole_parameters and (state.step + 1) % every == 0
             try:
                 stats, gram = train_step(state.step + 1, step, model, strategy, combiner, train_sets, dist,
-                                         probe_conflict=probe)
+                                         probe_conflict=probe, pad_multiple=cfg.pad_multiple)
             except TrialFailed:
                 sink.end_session(ok=False)
                 sink.close()
@@ -499,7 +515,7 @@ def _evaluate_and_keep_best(cfg, model, dev_sets, raw_dev, tokenizer, strategy, 
                             sink) -> dict:
     # Every rank scores the whole (small) dev set: identical metrics everywhere without a gather,
     # which the KPI-driven combiners (DTP on dev) and best-weights choice rely on.
-    predictions = predict(model, dev_sets, cfg.optim.batch_size * 4, strategy.autocast, dist.device)
+    predictions = predict(model, dev_sets, cfg.optim.batch_size * 4, strategy.autocast, dist.device, cfg.pad_multiple)
     metrics = score(predictions, dev_sets)
     value = metrics[cfg.select_metric]
     record = {"epoch": state.epoch, "step": state.step, "metrics": metrics, "score": value}

@@ -27,14 +27,15 @@ from __future__ import annotations
 import torch
 
 from mtl.combine.base import Combiner, register
-from mtl.conflict import average_over_workers, gram_matrix
+from mtl.conflict import gram_of_rows
 from mtl.config import CombinerConfig
+from mtl.errors import ConfigError
 
 
 def surgery_coefficients(gram: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, list[list[int]]]:
     """PCGrad on a Gram matrix G_ij = g_i . g_j.  Returns C with projected g_i = sum_k C_ik g_k,
     and per task the tasks it was projected against, in the order applied."""
-    gram = gram.double()
+    gram = gram.detach().double().cpu()     # T x T: the loop branches on its values (a host sync)
     t = gram.shape[0]
     coef = torch.eye(t, dtype=torch.float64)
     plans = []
@@ -55,7 +56,60 @@ def surgery(grads: list[torch.Tensor], generator: torch.Generator) -> tuple[list
     """PCGrad on explicit vectors (for small ones, and as the reference the tests check)."""
     stacked = torch.stack([g.double() for g in grads])
     coef, plans = surgery_coefficients(stacked @ stacked.T, generator)
-    return [(c @ stacked).to(grads[0].dtype) for c in coef], plans
+    return [(c.to(stacked.device) @ stacked).to(grads[0].dtype) for c in coef], plans
+
+
+class TaskGradients:
+    """Each task's gradient of the shared parameters, as the rows of one (tasks x parameters)
+    buffer, so that averaging over workers is one collective, the Gram matrix one matmul and
+    the weighted sum a few whole-buffer ops: a handful of kernel launches per step, where a
+    loop over parameters launches hundreds (and a host sync per dot product).
+
+    Allocated per step (the caching allocator hands the same block back on a GPU) and freed
+    with the gradients once the optimizer has stepped, so it holds memory only while the
+    per-task gradients exist, as they must for the surgery."""
+
+    def __init__(self, tasks: tuple[str, ...], params: list[torch.nn.Parameter]):
+        self.tasks, self.params = tasks, params
+        sizes = [p.numel() for p in params]
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) != 1:
+            raise ConfigError(f"pcgrad: the shared parameters mix dtypes {sorted(map(str, dtypes))}")
+        self.rows = torch.zeros(len(tasks), sum(sizes), dtype=dtypes.pop(), device=params[0].device)
+        # Per task, the views of its row shaped like each parameter (no copies).
+        self.views = [[v.view_as(p) for v, p in zip(row.split(sizes), params)] for row in self.rows]
+        self.reached = [False] * len(params)     # by any task; None stays None for the optimizer
+        self._seen: set[str] = set()
+
+    def take(self, task: str) -> None:
+        """Add the shared parameters' gradients (this task's alone) to its row and clear them.
+        One fused add over all parameters; a parameter the task never reached adds nothing."""
+        k = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if k:
+            row = self.views[self.tasks.index(task)]
+            torch._foreach_add_([row[i] for i in k], [self.params[i].grad for i in k])
+        for i in k:
+            self.params[i].grad = None
+            self.reached[i] = True
+        self._seen.add(task)
+
+    def seen(self) -> list[str]:
+        return [t for t in self.tasks if t in self._seen]
+
+    def rows_of(self, tasks: list[str]) -> torch.Tensor:
+        if len(tasks) == len(self.tasks):
+            return self.rows
+        return self.rows[[self.tasks.index(t) for t in tasks]]      # a copy; only when a task is missing
+
+    def write_weighted_sum(self, tasks: list[str], weights: list[float]) -> None:
+        """sum_t w_t g_t into the first task's row, in place (the same elementwise operations,
+        in the same order, as a per-parameter loop), handed to the parameters as views."""
+        index = [self.tasks.index(t) for t in tasks]
+        total = self.rows[index[0]].mul_(weights[0])
+        for i, w in zip(index[1:], weights[1:]):
+            total.add_(self.rows[i], alpha=w)
+        for p, v, reached in zip(self.params, self.views[index[0]], self.reached):
+            p.grad = v if reached else None
 
 
 @register("pcgrad")
@@ -71,7 +125,7 @@ class PCGrad(Combiner):
         self.on_params = cfg.pcgrad_on == "params"
         self.syncs_gradients_itself = self.on_params
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))   # checkpointed: the shuffle's seed
-        self._task_grads: dict[str, list[torch.Tensor | None]] = {}
+        self._grads: TaskGradients | None = None
         self._gram: tuple[list[str], torch.Tensor] | None = None
 
     def bind(self, model, dist, seed: int = 0) -> None:
@@ -97,36 +151,27 @@ class PCGrad(Combiner):
     def backward(self, losses, backward, share=1.0):
         if not self.on_params:
             return self._representation_backward(losses, backward)
+        if self._grads is None:
+            self._grads = TaskGradients(self.task_names, self.shared)
         for task, loss in losses.items():
             backward(loss)
-            self._take_shared_grads(task)
+            self._grads.take(task)
         return sum(l.detach() for l in losses.values())
-
-    def _take_shared_grads(self, task: str) -> None:
-        """Move the shared parameters' gradients (just this task's) aside; None = not reached = 0."""
-        kept = self._task_grads.setdefault(task, [None] * len(self.shared))
-        for k, p in enumerate(self.shared):
-            if p.grad is not None:
-                if kept[k] is None:
-                    kept[k] = p.grad
-                else:
-                    kept[k].add_(p.grad)
-                p.grad = None
 
     def before_optimizer_step(self, loss_scale: float = 1.0) -> None:
         super().before_optimizer_step(loss_scale)
         if not self.on_params:
             self.steps += 1
             return
-        tasks = [t for t in self.task_names if t in self._task_grads]
+        grads, self._grads = self._grads, None
         if self.dist.distributed:
-            for t in tasks:
-                self._task_grads[t] = average_over_workers(self._task_grads[t], self.shared, self.dist)
+            self.dist.all_reduce_mean(grads.rows)        # every task's gradients: one collective
             for p in self.task_params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 self.dist.all_reduce_mean(p.grad)
-        gram = gram_matrix(self._task_grads, tasks) / (loss_scale * loss_scale)    # unscaled
+        tasks = grads.seen()
+        gram = gram_of_rows(grads.rows_of(tasks)) / (loss_scale * loss_scale)    # unscaled; a host sync
         if bool(torch.isfinite(gram).all()):
             coef, _ = surgery_coefficients(gram, self._generator())
             weights = coef.sum(0)
@@ -136,14 +181,7 @@ class PCGrad(Combiner):
         else:
             # An fp16 overflow: the plain sum carries the inf/NaN on, and the scaler skips the step.
             weights, self._gram = torch.ones(len(tasks), dtype=torch.float64), None
-        for k, p in enumerate(self.shared):
-            total = None
-            for w, t in zip(weights.tolist(), tasks):
-                g = self._task_grads[t][k]
-                if g is not None:
-                    total = g.mul_(w) if total is None else total.add_(g, alpha=w)
-            p.grad = total        # still carries the loss scale, like every other gradient
-        self._task_grads = {}
+        grads.write_weighted_sum(tasks, weights.tolist())   # still carries the loss scale, like every gradient
         self.steps += 1
 
     def task_gram(self):

@@ -128,6 +128,26 @@ def test_batches_pad_to_the_longest_not_to_max_length(tokenizer):
     assert max(lengths.tolist()) < 128
 
 
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_each_padded_row_holds_its_own_tokens_then_padding(tokenizer, multiple):
+    raw = read_split("embedded:sample", TASKS["para"], "dev", max_rows=12)
+    enc = encode_split(raw, TASKS["para"], tokenizer, 64, siamese=False, cache_dir=None)
+    seg = enc.segments[0]
+    idx = torch.tensor([5, 0, 11, 3])         # any order, the last sequence of the store included
+    batch = make_batch(enc, idx, pad_multiple=multiple).inputs[0]
+    longest = int(seg.lengths()[idx].max())
+    assert batch["input_ids"].shape[1] == -(-longest // multiple) * multiple
+    for row, i in enumerate(idx.tolist()):
+        s, e = int(seg.offsets[i]), int(seg.offsets[i + 1])
+        n = e - s
+        assert batch["input_ids"][row, :n].tolist() == seg.tokens[s:e].tolist()
+        assert batch["token_type_ids"][row, :n].tolist() == seg.types[s:e].tolist()
+        assert set(batch["input_ids"][row, n:].tolist()) <= {enc.pad_id}
+        assert set(batch["token_type_ids"][row, n:].tolist()) <= {0}
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
+    assert all(v.dtype == torch.long for v in batch.values())
+
+
 def test_tokenization_cache_is_reused_and_keyed(tokenizer, tmp_path):
     raw = read_split("embedded:sample", TASKS["sts"], "dev", max_rows=10)
     counting = CountingTokenizer(tokenizer)
