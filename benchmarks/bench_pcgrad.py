@@ -2,7 +2,7 @@
 mode against full PCGrad, side by side on the same model, batches and data.
 
     .venv/bin/python benchmarks/bench_pcgrad.py                     # embedded MiniLM, sst+para, CPU
-    .venv/bin/python benchmarks/bench_pcgrad.py --device cuda --model bert-base-uncased
+    .venv/bin/python benchmarks/bench_pcgrad.py --device cuda --precision bf16 --model bert-base-uncased --batch-size 16
 
 Each (method, round) runs in its own process, rounds alternating methods, so each peak is
 that method's own (CPU: peak resident memory; CUDA: peak allocated) and machine load hits
@@ -37,7 +37,13 @@ def worker(a) -> None:
         "model.model": a.model, "data.tasks": a.tasks, "optim.batch_size": a.batch_size, "optim.max_steps": a.steps,
         "model.max_length": a.max_length, "data.max_dev_rows": 8, "progress": "off", "optim.epochs": 1,
         "device": a.device, "out": out, "data.cache_dir": a.cache, "combiner.conflict_every": 0,
+        "precision": a.precision, "data.data_dir": a.data_dir,
         **METHODS[a.worker]})
+    if a.device.startswith("cuda"):
+        # A short run first, in the same process: CUDA's context, cuBLAS and the caching
+        # allocator warm up there, not in the measured steps.
+        train(cfg.replace(out=out + "-warmup", **{"optim.max_steps": 3}))
+        torch.cuda.reset_peak_memory_stats()
     res = train(cfg)
     peak = (torch.cuda.max_memory_allocated() if a.device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -53,6 +59,8 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--data-dir", default="embedded:sample")
     p.add_argument("--worker", choices=sorted(METHODS), help=argparse.SUPPRESS)
     p.add_argument("--cache", default=tempfile.gettempdir() + "/mtl-bench-cache", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -68,7 +76,8 @@ def main() -> None:
                   f"peak {runs[method][-1]['peak_mb']:8.1f} MiB", flush=True)
     step = {m: statistics.median(x["step_s"] for x in v) for m, v in runs.items()}
     peak = {m: statistics.median(x["peak_mb"] for x in v) for m, v in runs.items()}
-    print(f"model={a.model} tasks={a.tasks} batch={a.batch_size} steps={a.steps} device={a.device}")
+    print(f"model={a.model} tasks={a.tasks} batch={a.batch_size} steps={a.steps} device={a.device} "
+          f"precision={a.precision}")
     for m in METHODS:
         print(f"{m:12s} median step {step[m] * 1000:7.1f} ms   peak {peak[m]:8.1f} MiB")
     print(f"step time pcgrad / sum          = {step['pcgrad'] / step['sum']:.3f} (target <= 1.15)")

@@ -34,12 +34,18 @@ def fit(cfg, kill_after_first_checkpoint: bool = False):
     killed = []
     stop = threading.Event()
 
+    def train_workers() -> list:
+        return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+
+    # Workers of an earlier trial may still be exiting (slowly, on a loaded machine): killing
+    # one of those would leave this trial unharmed and the test asserting a resume that never was.
+    earlier = {p.pid for p in train_workers()}
+
     def kill_a_worker():
         pointer = os.path.join(cfg.out, "checkpoints", "latest.json")
         while not stop.is_set():
             if os.path.exists(pointer):
-                workers = [p for p in psutil.process_iter(["cmdline"])
-                           if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+                workers = [p for p in train_workers() if p.pid not in earlier]
                 if workers:
                     victim = workers[-1]
                     os.kill(victim.pid, signal.SIGKILL)
