@@ -70,7 +70,10 @@ def main() -> None:
     for r in range(a.rounds):
         for method in METHODS:
             cmd = [sys.executable, __file__, "--worker", method, *sys.argv[1:]]
-            line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"{method} round {r + 1} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+            line = done.stdout.strip().splitlines()[-1]
             runs[method].append(json.loads(line))
             print(f"round {r + 1} {method:12s} step {runs[method][-1]['step_s'] * 1000:7.1f} ms  "
                   f"peak {runs[method][-1]['peak_mb']:8.1f} MiB", flush=True)

@@ -6,7 +6,7 @@
 #
 #   bash benchmarks/gpu_session.sh prepare                    # here, once: fills .gpu/ (~50 MB)
 #   run: bash benchmarks/gpu_session.sh tests   carry [".gpu"] timeout_s 480   # tests/gpu, bench_pcgrad
-#   run: bash benchmarks/gpu_session.sh bench   carry [".gpu"] timeout_s 540   # bench_step, bench_pack
+#   run: bash benchmarks/gpu_session.sh bench   carry [".gpu"] timeout_s 590   # bench_step, bench_pack
 #
 # Each part writes its log to $OUT (it comes back with the run's reply).  A session has
 # 15 minutes of device time in all: the two parts are sized to fit with one start.
@@ -71,11 +71,15 @@ tests)
         --steps 20 --rounds 2 --data-dir "$DATA" 2>&1 | tee "$OUT/bench_pcgrad.log" | tail -12 || true
     ;;
 bench)
-    timeout 330 $PY benchmarks/bench_step.py --device cuda --precision bf16 --model "$BERT" --data-dir "$DATA" \
-        --batch-sizes 8,32,128 --steps 30 --rounds 2 --max-length 128 --variants default,compile 2>&1 \
-        | tee "$OUT/bench_step.log" | tail -12 || true
-    timeout 190 $PY benchmarks/bench_pack.py --device cuda --precision bf16 --model "$BERT" --data-dir "$DATA" \
-        --trials 1,2,4,8,16 2>&1 | tee "$OUT/bench_pack.log" | tail -15 || true
+    # bench_step: library vs hand loop and MFU over batch sizes; then --compile beside the
+    # default at batch 32 (compiling BERT-base takes a minute or two, once per process).
+    timeout 170 $PY benchmarks/bench_step.py --device cuda --precision bf16 --model "$BERT" --data-dir "$DATA" \
+        --batch-sizes 8,32,128 --steps 30 --rounds 2 --max-length 128 2>&1 | tee "$OUT/bench_step.log" | tail -8 || true
+    timeout 200 $PY benchmarks/bench_step.py --device cuda --precision bf16 --model "$BERT" --data-dir "$DATA" \
+        --batch-sizes 32 --steps 40 --rounds 2 --max-length 128 --variants default,compile,pad16 2>&1 \
+        | tee "$OUT/bench_step_compile.log" | tail -8 || true
+    timeout 200 $PY benchmarks/bench_pack.py --device cuda --precision bf16 --model "$BERT" --data-dir "$DATA" \
+        --packs 1,2,4,8,16 --max-steps 40 2>&1 | tee "$OUT/bench_pack.log" | tail -15 || true
     ;;
 *)
     echo "unknown part $part (prepare, tests, bench)" >&2

@@ -10,6 +10,13 @@ builds and fits that trial's TorchTrainer (Ray Train V2's pattern).
   (its varied settings and best dev metrics), read from the trials' own results files, so a
   trial is counted exactly once however often the sweep ran.  ``_ray/timings/<trial>.json``
   records when the trial's driver started and ended (launch/bench_sweep.py reads it).
+- Fractional GPUs (``--gpus-per-worker 0.25``) pack trials onto a GPU: the budgets admit as many
+  as fit (four 1-worker trials per GPU), and a packing whose estimated memory exceeds the GPU's is
+  refused before Ray starts (cluster/memory.py).
+
+Test/dev hook: ``MTL_FAKE_GPUS=N`` makes ``start_local_ray`` declare N GPUs that need not exist
+(Ray's GPUs are logical resources; Ray then hands workers fake CUDA_VISIBLE_DEVICES ids).  It
+lets a CPU machine exercise GPU admission; the trials must run with ``--device cpu``.
 """
 from __future__ import annotations
 
@@ -24,7 +31,8 @@ from mtl.config import RunConfig
 from mtl.errors import MtlError
 from mtl.lease import Lease
 
-from cluster.placement import Placement
+from cluster.memory import check_ray_packing
+from cluster.placement import Placement, units
 from cluster.ray_trial import GPU_DEFAULT, ray_storage
 from cluster.study import is_finished, read_results, results_table, trial_name, write_table
 
@@ -47,7 +55,7 @@ def driver_resources(cfg: RunConfig, placement: Placement, cluster: dict) -> dic
         # A placement group bundle may not be empty: a token of logical memory, which no
         # training worker reserves, keeps it non-empty without taking anything they need.
         return {"CPU": 0, "memory": DRIVER_MEMORY_TOKEN}
-    cpus, gpus = demand(cfg, placement)
+    cpus, gpus = demand(cfg, placement)     # rounded to Ray's 0.0001: 2 x 0.5 is exactly 1
     return {"CPU": 0, CPU_BUDGET: cpus, **({GPU_BUDGET: gpus} if gpus else {})}
 
 
@@ -58,8 +66,9 @@ def concurrent_slots(trials: list[RunConfig], placement: Placement, cluster: dic
     fits = []
     for t in trials:
         cpus, gpus = demand(t, placement)
-        by_gpu = cluster.get("GPU", 0) // gpus if gpus else math.inf
-        fits.append(min(cluster.get("CPU", 0) // cpus, by_gpu))
+        # In Ray's fixed-point units, as Ray counts: in floats 1 // 0.1 is 9.0, one trial short.
+        by_gpu = units(cluster.get("GPU", 0)) // units(gpus) if gpus else math.inf
+        fits.append(min(units(cluster.get("CPU", 0)) // units(cpus), by_gpu))
     if min(fits) < 1:
         worst = trials[fits.index(min(fits))]
         cpus, gpus = demand(worst, placement)
@@ -69,19 +78,35 @@ def concurrent_slots(trials: list[RunConfig], placement: Placement, cluster: dic
     return int(min(slots, len(trials)))
 
 
+FAKE_GPUS_ENV = "MTL_FAKE_GPUS"
+
+
 def start_local_ray(verbose: int) -> None:
     import ray
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpus = 0
+    gpus = local_gpu_count()
+    fake = os.environ.get(FAKE_GPUS_ENV)
+    if fake:
+        # Test/dev hook: GPUs that need not exist.  Ray's GPUs are logical resources, so admission
+        # and fractional packing behave as on a GPU node; what runs on them is the trials' business
+        # (--device cpu, or they fail looking for CUDA).
+        if not fake.isdigit():
+            raise MtlError(f"{FAKE_GPUS_ENV}={fake!r}: a whole number of GPUs is needed")
+        gpus = int(fake)
+        log.warning("%s=%d: the local Ray declares %d fake GPU(s); trials must run with --device cpu",
+                    FAKE_GPUS_ENV, gpus, gpus)
+    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=verbose > 1,
+             resources={CPU_BUDGET: cpus, **({GPU_BUDGET: gpus} if gpus else {})})
+
+
+def local_gpu_count() -> int:
     try:
         import torch
 
-        gpus = torch.cuda.device_count()
+        return torch.cuda.device_count()
     except Exception:   # noqa: BLE001 - no usable CUDA: a CPU cluster
-        pass
-    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=verbose > 1,
-             resources={CPU_BUDGET: cpus, **({GPU_BUDGET: gpus} if gpus else {})})
+        return 0
 
 
 def await_nodes(count: int, timeout_s: float = 300.0) -> None:
@@ -143,6 +168,11 @@ def _run_todo(trials: list[RunConfig], storage_root: str, placement: Placement, 
     log.info("%d trials, %d already finished, %d to run", len(trials), len(trials) - len(todo), len(todo))
     if not todo:
         return {}
+    placement.check_trials(todo)
+    # Before Ray starts (seconds, and minutes of trials queued behind a bad packing).  nvidia-smi
+    # here sees the GPUs of a local Ray or of the node this launcher runs on in a cluster it
+    # joined (--address auto); behind Ray Client (ray://) this machine's GPUs say nothing.
+    check_ray_packing(todo, placement, GPU_DEFAULT, detect=not (address or "").startswith("ray://"))
     if not ray.is_initialized():
         if address:
             ray.init(address=address, include_dashboard=False, log_to_driver=verbose > 1)

@@ -20,13 +20,17 @@ from mtl.errors import TrialFailed
 from cluster.placement import Placement
 
 
-def ray_dist_context() -> DistContext:
+def ray_dist_context(device: str = "auto") -> DistContext:
+    """Rank and world from Ray; the device is Ray's (the GPU it assigned, else CPU) unless the
+    trial says ``--device cpu``, which holds wherever its workers run."""
+    import torch
     import ray.train
     import ray.train.torch
 
     ctx = ray.train.get_context()
     return DistContext(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
-                       local_rank=ctx.get_local_rank(), device=ray.train.torch.get_device())
+                       local_rank=ctx.get_local_rank(),
+                       device=torch.device("cpu") if device == "cpu" else ray.train.torch.get_device())
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -50,7 +54,7 @@ def train_loop_per_worker(config: dict) -> None:
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
     try:
-        run_trial(cfg, ray_dist_context(), on_checkpoint=report)
+        run_trial(cfg, ray_dist_context(cfg.device), on_checkpoint=report)
     except TrialFailed:
         pass    # recorded as failed in results.json; retrying would diverge again
 
@@ -77,7 +81,7 @@ GPU_DEFAULT = 0.0     # Ray trials train on CPU unless told --gpus-per-worker
 def build_trainer(cfg: RunConfig, placement: Placement | None = None, callbacks: list | None = None):
     """A TorchTrainer for one trial, whose Ray run folder is the trial's own ``cfg.out``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     placement = placement or Placement()
     out = os.path.abspath(cfg.out) if storage.is_local(cfg.out) else cfg.out.rstrip("/")
@@ -87,9 +91,13 @@ def build_trainer(cfg: RunConfig, placement: Placement | None = None, callbacks:
     resources = {"CPU": placement.cpus_per_worker}
     if gpus:
         resources["GPU"] = gpus
+    # Ray picks nccl whenever workers hold GPUs; a trial pinned to the CPU needs gloo (a real GPU
+    # it ignores, or a fake one from MTL_FAKE_GPUS in tests).
+    torch_config = TorchConfig(backend="gloo") if cfg.device == "cpu" and gpus else None
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
+        torch_config=torch_config,
         scaling_config=ScalingConfig(num_workers=cfg.parallel.workers, use_gpu=gpus > 0,
                                      resources_per_worker=resources),
         run_config=RayRunConfig(name=name, storage_path=ray_path, storage_filesystem=ray_fs,

@@ -66,23 +66,17 @@ class TrialProcesses:
         self.tmp = tempfile.mkdtemp(prefix="mtl-array-task-")
 
     def start(self) -> None:
-        gpus = visible_gpus()
-        placed = 0
-        for cfg in self.trials:
-            path = os.path.join(self.tmp, f"{trial_name(cfg)}.json")
-            with open(path, "w") as fh:
-                json.dump(cfg.to_dict(), fh)
-            world = cfg.parallel.workers
-            port = _free_port()
-            procs = []
-            for rank in range(world):
-                # Workers take the task's GPUs in turn, one each, so trials packed into one
-                # task (--trials-per-task) spread over its GPUs instead of all using the first.
-                gpu = gpus[placed % len(gpus)] if gpus else None
-                placed += 1
-                procs.append(subprocess.Popen([sys.executable, "-m", "cluster.trial", path],
-                                              env=_worker_env(rank, world, port, gpu)))
-            self.procs[trial_name(cfg)] = procs
+        ports = {}
+        for cfg, rank, gpu in place_workers(self.trials, visible_gpus()):
+            name, world = trial_name(cfg), cfg.parallel.workers
+            path = os.path.join(self.tmp, f"{name}.json")
+            if name not in ports:
+                with open(path, "w") as fh:
+                    json.dump(cfg.to_dict(), fh)
+                ports[name] = _free_port()
+                self.procs[name] = []
+            self.procs[name].append(subprocess.Popen([sys.executable, "-m", "cluster.trial", path],
+                                                     env=_worker_env(rank, world, ports[name], gpu)))
         if self.signum is not None:
             self.relay(self.signum, None)
 
@@ -122,6 +116,27 @@ def _stopped_as_75(code: int | None) -> int | None:
     return EXIT_STOPPED if code in (-signal.SIGUSR1, -signal.SIGTERM) else code
 
 
+def place_workers(trials: list[RunConfig], gpus: list[str]) -> list[tuple[RunConfig, int, str | None]]:
+    """(trial, rank, GPU) for every worker of ``trials``: workers take the GPUs in turn, one each,
+    so trials packed into one task (--trials-per-task) spread over its GPUs instead of all using
+    the first; with fewer GPUs than workers, several share one (fractional --gpus-per-worker)."""
+    placed = []
+    for cfg in trials:
+        for rank in range(cfg.parallel.workers):
+            placed.append((cfg, rank, gpus[len(placed) % len(gpus)] if gpus else None))
+    return placed
+
+
+def shared_gpus(trials: list[RunConfig], gpus: list[str]) -> dict[str, list[RunConfig]]:
+    """The GPUs that run two or more workers, each with the trials of those workers (a trial once
+    per worker there)."""
+    on: dict[str, list[RunConfig]] = defaultdict(list)
+    for cfg, _, gpu in place_workers(trials, gpus):
+        if gpu is not None and cfg.device != "cpu":
+            on[gpu].append(cfg)
+    return {gpu: group for gpu, group in on.items() if len(group) > 1}
+
+
 def visible_gpus() -> list[str]:
     """The GPUs SLURM gave this task (CUDA_VISIBLE_DEVICES), empty on a CPU task."""
     value = os.environ.get("CUDA_VISIBLE_DEVICES", "")
@@ -158,7 +173,30 @@ def requeue() -> bool:
     return True
 
 
-def run_task(group: list[RunConfig], index: int, early: list[int]) -> int:
+def check_task_memory(todo: list[RunConfig], gpu_memory: str, pinned: dict[str, int] | None) -> None:
+    """At the task's start, before any worker: refuse workers sharing a GPU whose estimated sum
+    exceeds its memory (--gpu-memory, else nvidia-smi here).  Costs nothing when every worker has
+    its own GPU; otherwise an nvidia-smi call, and (only without estimates pinned by the
+    submitter) importing torch and transformers to estimate, seconds."""
+    from cluster import memory
+
+    placement = Placement(gpu_memory=gpu_memory)
+    packed = shared_gpus(todo, visible_gpus())
+    if not packed or not placement.memory_check:
+        return
+    capacity, source = memory.gpu_capacity(placement, detect=True)
+    if capacity is None:
+        print(f"GPU memory unknown (no nvidia-smi, no --gpu-memory): {len(packed)} shared GPU(s) not checked",
+              flush=True)
+        return
+    names = {trial_name(t) for group in packed.values() for t in group}
+    sizes = pinned if pinned is not None and names <= set(pinned) else memory.estimates(todo)
+    if sizes is not None:
+        memory.check_slurm_gpus(packed, sizes, capacity, source)
+
+
+def run_task(group: list[RunConfig], index: int, early: list[int], gpu_memory: str = "",
+             pinned: dict[str, int] | None = None) -> int:
     todo = [t for t in group if not is_finished(t)]
     env = os.environ
     print(f"array task {index} (job {env.get('SLURM_ARRAY_JOB_ID', '-')}_{env.get('SLURM_ARRAY_TASK_ID', '-')}, "
@@ -169,6 +207,11 @@ def run_task(group: list[RunConfig], index: int, early: list[int]) -> int:
             print(f"trial {trial_name(t)} is finished: nothing to do", flush=True)
     if not todo:
         return 0
+    try:
+        check_task_memory(todo, gpu_memory, pinned)
+    except MtlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     procs = TrialProcesses(todo, early[-1] if early else None)
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, procs.relay)
@@ -200,11 +243,15 @@ def task_main(argv: list[str] | None = None) -> int:
                    help="the study's trial list as written by launch/slurm_submit.py (instead of --grid)")
     p.add_argument("--index", type=int, default=None, help="array index (default: $SLURM_ARRAY_TASK_ID)")
     p.add_argument("--trials-per-task", type=int, default=1, help="trials this task runs side by side")
+    p.add_argument("--gpu-memory", default="", help="one GPU's memory for the packing check (default: nvidia-smi; "
+                                                     "'off': no check)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        Placement(gpu_memory=args.gpu_memory)       # a bad size is refused here, in one line
+        pinned = None
         if args.trials:
-            trials, root = load_trials(args.trials)
+            trials, root, pinned = load_study(args.trials)
         else:
             trials, root = trials_from_args(args)
         index = args.index if args.index is not None else _array_index()
@@ -213,7 +260,7 @@ def task_main(argv: list[str] | None = None) -> int:
     except MtlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return run_task(group, index, early)
+    return run_task(group, index, early, args.gpu_memory, pinned)
 
 
 def _array_index() -> int:
@@ -234,8 +281,9 @@ def submit_array(trials: list[RunConfig], root: str, placement: Placement, wait:
     very list, whatever happens to the grid file or the command line later."""
     _need("sbatch")
     storage.ensure_writable(root)
+    placement.check_trials(trials)
     k = placement.trials_per_task
-    study = pin_trials(trials, root, k)
+    study = pin_trials(trials, root, k, packing_estimates(trials, placement))
     live = live_slots(study)
     todo = [s for s in range(slot_count(len(trials), k))
             if s not in live and any(not is_finished(trials[i]) for i in slot_trials(len(trials), s, k))]
@@ -267,21 +315,57 @@ def submit_array(trials: list[RunConfig], root: str, placement: Placement, wait:
     return rows
 
 
-def pin_trials(trials: list[RunConfig], root: str, per_task: int) -> str:
+def packing_estimates(trials: list[RunConfig], placement: Placement) -> dict[str, int] | None:
+    """Where a task's workers would share a GPU: each such trial's estimated worker memory (for the
+    task to check without importing torch), after refusing, when --gpu-memory states the GPU's
+    size, a task that cannot fit.  Without --gpu-memory the check waits for the task, which sees
+    its GPU (this submit host's GPUs, if any, say nothing about the partition's)."""
+    from cluster import memory
+
+    k = placement.trials_per_task
+    packs = {}
+    for slot in range(slot_count(len(trials), k)):
+        group = [trials[i] for i in slot_trials(len(trials), slot, k)]
+        gpus = [str(g) for g in range(placement.slurm_resources(group)[1])]
+        packs[slot] = shared_gpus(group, gpus)
+    involved = list({trial_name(t): t for p in packs.values() for ts in p.values() for t in ts}.values())
+    if not involved or not placement.memory_check:
+        return None
+    sizes = memory.estimates(involved)
+    capacity = placement.gpu_memory_bytes
+    if sizes is not None and capacity is not None:
+        for slot, packed in packs.items():
+            memory.check_slurm_gpus(packed, sizes, capacity, f"--gpu-memory {placement.gpu_memory}")
+    elif sizes is not None:
+        print(f"GPU memory: {sum(bool(p) for p in packs.values())} array tasks share GPUs between workers; each "
+              f"checks its packing at its start (nvidia-smi); --gpu-memory checks now", flush=True)
+    return sizes
+
+
+def pin_trials(trials: list[RunConfig], root: str, per_task: int, estimates: dict[str, int] | None = None) -> str:
     """Write the trial list (with how many trials a task runs) to the storage, once; returns its
-    URL, named by a hash of its content."""
-    text = json.dumps({"storage": root, "trials_per_task": per_task, "trials": [t.to_dict() for t in trials]},
-                      sort_keys=True)
+    URL, named by a hash of the list.  ``estimates`` (GPU memory per worker of the trials that
+    share a GPU) ride along outside the hash: a list pinned by an earlier submit keeps its name,
+    and its tasks compute what is missing themselves."""
+    study = {"storage": root, "trials_per_task": per_task, "trials": [t.to_dict() for t in trials]}
+    text = json.dumps(study, sort_keys=True)
     url = storage.join(root, "_slurm", f"study-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json")
     if not storage.exists(url):
-        storage.write_text(url, text)
+        storage.write_text(url, json.dumps({**study, "worker_memory": estimates}, sort_keys=True)
+                           if estimates else text)
     return url
 
 
 def load_trials(url: str) -> tuple[list[RunConfig], str]:
+    trials, root, _ = load_study(url)
+    return trials, root
+
+
+def load_study(url: str) -> tuple[list[RunConfig], str, dict[str, int] | None]:
+    """(trials, storage root, pinned worker-memory estimates or None) from a pinned trial list."""
     try:
         study = json.loads(storage.read_text(url))
-        return [RunConfig.from_dict(t) for t in study["trials"]], study["storage"]
+        return [RunConfig.from_dict(t) for t in study["trials"]], study["storage"], study.get("worker_memory")
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{url}: not a trial list written by launch/slurm_submit.py ({exc})") from None
 
@@ -320,6 +404,8 @@ def _sbatch(slots: list[int], shape: tuple[int, int], root: str, placement: Plac
                                                      ("account", placement.account)) if value]
     cmd += placement.sbatch_args + [script or str(SCRIPT), "--trials", study, "--storage", root,
                                     "--trials-per-task", str(placement.trials_per_task)]
+    if placement.gpu_memory:
+        cmd += ["--gpu-memory", placement.gpu_memory]
     env = dict(os.environ, MTL_ROOT=str(SCRIPT.parents[1]))     # where the scripts find slurm/env.sh
     if placement.setup:
         env["MTL_SETUP"] = "; ".join(placement.setup)

@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None, backend: str | None = None) -> int:
         trials, root = trials_from_args(args)
         check_storage(trials)
         placement = placement_from_args(args)
+        placement.check_trials(trials)
         from mtl.train import check_run
 
         for t in trials:

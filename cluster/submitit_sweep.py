@@ -93,7 +93,7 @@ def submit(trials: list[RunConfig], root: str, placement: Placement, cluster: st
                     "mid-epoch redoes that epoch when it is requeued")
     jobs = []
     for workers, group in by_workers.items():
-        gpus = math.ceil(workers * placement.gpus(1.0 if on_slurm else 0.0))
+        gpus = math.ceil(round(workers * placement.gpus(1.0 if on_slurm else 0.0), 4))   # 3 x 0.1 is not 0.3
         params = dict(name=f"mtl-{os.path.basename(root.rstrip('/'))}", tasks_per_node=workers,
                       cpus_per_task=max(1, math.ceil(placement.cpus_per_worker)),
                       timeout_min=time_minutes(placement.time) if placement.time else DEFAULT_TIME_MIN)

@@ -32,3 +32,13 @@ def test_the_trial_folder_is_rays_run_folder(tmp_path):
     remote = build_trainer(cfg.replace(out="memory://bucket/study/t")).run_config
     assert (remote.storage_path, remote.name) == ("/bucket/study", "t")
     assert isinstance(remote.storage_filesystem, pyarrow.fs.PyFileSystem)
+
+
+def test_a_trial_pinned_to_the_cpu_uses_gloo_even_on_gpu_workers(tmp_path):
+    # Ray picks nccl for workers that hold GPUs; --device cpu (a real GPU left alone, or the fake
+    # ones of MTL_FAKE_GPUS in tests) must keep gloo, or the process group cannot start.
+    cfg = RunConfig().replace(out=str(tmp_path / "study" / "t"), device="cpu")
+    trainer = build_trainer(cfg, Placement(gpus_per_worker=0.5))
+    assert trainer.scaling_config.use_gpu and trainer.scaling_config.resources_per_worker == {"CPU": 1, "GPU": 0.5}
+    assert trainer.backend_config.backend == "gloo"
+    assert build_trainer(cfg.replace(device="auto"), Placement(gpus_per_worker=0.5)).backend_config.backend == "nccl"
