@@ -39,6 +39,11 @@ head_ip=$(getent hosts "$head" | awk '{print $1; exit}' || true)
 head_ip=${head_ip:-$head}
 base=$((10000 + (SLURM_JOB_ID % 250) * 200))
 port=$base
+# The head, the workers and the sweep's driver must agree on Ray's authentication: a token file
+# left in ~/.ray by another Ray would otherwise turn the head's on while the driver's is off
+# ("InvalidAuthToken"). The job's cluster listens on its own ports for its own nodes; a user's
+# RAY_AUTH_MODE=token (with RAY_AUTH_TOKEN) is kept.
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
 tmp=/tmp/ray-$SLURM_JOB_ID             # short: Ray's socket paths must fit in 107 bytes
 cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
 gpus=0
