@@ -1,55 +1,63 @@
 """Single-task SST training throughput of the library (``mtl.train.train``) against Hugging
 Face's ``Trainer`` on the same encoder, batch, maximum length, rows and order, on CPU.
 
-    python3 -m venv /tmp/trainer-venv --without-pip && cp -a .venv/. /tmp/trainer-venv/   # or: cp -a .venv /tmp/trainer-venv
-    /tmp/trainer-venv/bin/python -m pip install accelerate                  # Trainer needs it; .venv stays as pinned
-    PYTHONPATH=. /tmp/trainer-venv/bin/python benchmarks/bench_trainer.py   # 150 steps x 5 rounds, ../shared/data
-    PYTHONPATH=. /tmp/trainer-venv/bin/python benchmarks/bench_trainer.py --steps 60 --rounds 3 \\
-        --data-dir embedded:sample --variants default,nonorm            # quicker; the library without its extra norm
+    cp -a .venv /tmp/trainer-venv && /tmp/trainer-venv/bin/python -m pip install accelerate   # once
+    PYTHONPATH=. /tmp/trainer-venv/bin/python benchmarks/bench_trainer.py        # 5-10 min on 2 cores
+    PYTHONPATH=. /tmp/trainer-venv/bin/python benchmarks/bench_trainer.py --variants default,plainadamw,nonorm \\
+        --threads 1 --chunks 8 --rounds 1                                       # suspects, one thread, quicker
+
+(The Trainer needs ``accelerate``, which the project does not pin: it runs from a copy of the
+project's venv with it added, so .venv stays as pinned; ``PYTHONPATH=.`` makes ``import mtl``
+find this checkout.)
 
 Both sides: the embedded all-MiniLM-L6-v2 (``embedded:all-MiniLM-L6-v2``), SST-5 (5 classes),
 batch 8, max length 128, padding to the longest sequence of the batch, fp32, AdamW
-(lr 1e-5, weight decay 0.01 on weights only, eps 1e-6, constant lr), no evaluation, no
-checkpoints or logs inside the timed window, one process, torch's default threads.
-The rows are the library's fixed subset of ``--steps x 8`` training rows (``read_split`` with
-``max_train_rows``), fed in the library sampler's epoch-0 order to both sides (the Trainer's
-sampler is replaced by a sequential one over the rows in that order), so every step sees
-the same examples with the same padded width on both sides.
+(lr 1e-5, weight decay 0.01 on weights only, eps 1e-6, constant lr), no evaluation and no
+checkpoint inside the timed window, one process each, torch's default threads (``--threads``
+sets OMP_NUM_THREADS for both).  The rows: the library's fixed subset of ``steps x 8``
+training rows of ``--data-dir`` (``read_split`` with ``max_train_rows``; steps = warm-up +
+turns x turn length), fed in the library sampler's epoch-0 order to both sides (the
+Trainer's sampler is replaced by a sequential one over the rows in that order), so step k
+sees the same examples, padded to the same width, on both sides.
 The library: its default single-task trial (MLP head on [CLS], head dropout 0.5, fused AdamW,
-global gradient norm measured every step, no clipping).  The Trainer: ``AutoModelForSequenceClassification``
-(pooler + linear head), ``DataCollatorWithPadding``, its default optimizer (``adamw_torch_fused``
-in transformers 5.x) and gradient clipping to 1.0, ``report_to="none"``, logging and saving
-off, ``dataloader_num_workers=0``.
+the global gradient norm measured every step, no clipping, TensorBoard scalars every 10
+steps).  The Trainer: ``AutoModelForSequenceClassification`` (pooler + linear head),
+``DataCollatorWithPadding``, its default optimizer (``TrainingArguments().optim`` is
+``adamw_torch_fused`` in transformers 5.x) and its default clipping to norm 1.0,
+``report_to="none"``, logging and saving off, ``dataloader_num_workers=0``.
 
 How examples/s is counted, the same on both sides: a global optimizer step post-hook
-(``torch.optim.optimizer.register_optimizer_step_post_hook``) stamps the time at the end
-of every optimizer step; examples/s = 8 x (steps - warm-up) / (stamp[last] - stamp[warm-up]),
-i.e. the wall time of the training loop only, step ``--warmup``+1 to the last, with
-everything each loop does between optimizer steps (batching/collation, forward, backward,
-norm/clip, step, scheduler, zero_grad, per-step bookkeeping, logging) and nothing before
-(model load, tokenizing) or after (the library's end-of-epoch evaluation and checkpoint).
-Each library's own figure is printed beside it for reference (the library's
-``examples_per_s``: its step loop over all steps; the Trainer's ``train_samples_per_second``:
-the whole ``train()`` call, setup included).
+(``torch.optim.optimizer.register_optimizer_step_post_hook``, which fires inside either
+loop's ``optimizer.step()``) runs a baton.  Both sides start at once, each in its own
+process; after ``--warmup`` steps each waits in the hook.  The driver then lets one side at a
+time run a turn of ``--chunk`` steps, timed from the go to the end of the turn's last
+optimizer step: the wall time of the training loop only (batching/collation, forward,
+backward, norm/clip, step, scheduler, zero_grad, per-step bookkeeping and logging), nothing
+before (model load, tokenizing) or after (the library's end-of-epoch evaluation and
+checkpoint).  The sides take turns, the order flipping every pass, so the load other jobs put
+on the machine hits both alike; each pass gives a paired ratio (library turn / the Trainer's
+turn next to it).  Printed: per side the median examples/s over all turns and the median and
+quartiles of the paired ratios, by wall clock and by the process's CPU time (threads
+summed; less sensitive to other jobs than wall time, but it counts OpenMP spin-waits), over
+``--rounds`` fresh pairs of processes.  Target: library[default] / Trainer >= 0.95.
+On 2 CPU cores (2026-11-28, torch 2.13, transformers 5.23): library/Trainer (paired wall
+ratio 1.02-1.03); with ``plainadamw`` 0.80-0.83, as the library before e393fc2 (0.82-0.86).
+(Each library's own figure is useless here: the waits between turns fall inside both.)
 
-Every run is its own process (nothing one side sets, threads or allocator state, leaks into
-the other); rounds alternate the sides, the order flipping every round so a drift in the
-machine's load hits both alike.  Medians over rounds and the ratio library/Trainer are
-printed (target >= 0.95 for the default library run).
-
-``--variants`` adds library runs with one change each, patched in the child process
-(never in ``mtl/``), as extra columns with their ratio to the Trainer:
-``nonorm``: no global gradient norm when clipping is off (the guard reads the loss instead);
-``foreach``: torch's default (foreach) AdamW instead of the fused one (the library before 2026-11-28);
-``rowpad``: the per-row padding loop instead of the whole-batch one (the library before 2026-11-28);
+``--variants`` adds library sides with one change each, patched in the child process (never
+in ``mtl/``), to measure a suspect beside the default:
+``plainadamw``: ``torch.optim.AdamW`` without ``fused=True``, i.e. torch's default, which on CPU is
+the per-parameter for-loop (foreach kernels are CUDA-only) (the library before e393fc2);
+``rowpad``: the per-row padding loop instead of the whole-batch one (the library before e393fc2);
+``nonorm``: no global gradient norm (and its host sync) in the step when clipping is off;
 ``noseed``: no ``torch.manual_seed`` per step; ``notb``: no TensorBoard sink.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,7 +68,7 @@ BATCH = 8
 MAX_LENGTH = 128
 LR, WEIGHT_DECAY, EPS = 1e-5, 0.01, 1e-6
 MODEL = "embedded:all-MiniLM-L6-v2"
-VARIANTS = ("default", "nonorm", "foreach", "rowpad", "noseed", "notb")
+VARIANTS = ("default", "plainadamw", "rowpad", "nonorm", "noseed", "notb")
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,8 +78,8 @@ class Baton:
     """Installed in each child as a global optimizer step post-hook (so it sees the library's
     and the Trainer's steps alike).  At the end of step ``warmup`` the child says it is ready
     and waits; then, each time the driver says go, it runs ``chunk`` steps and reports their
-    wall time: from the go to the end of the chunk's last optimizer step, i.e. everything the
-    loop does for those steps.  Only one child computes at any moment."""
+    wall and process CPU time: from the go to the end of the chunk's last optimizer step, i.e.
+    everything the loop does for those steps.  Only one child computes at any moment."""
 
     def __init__(self, a):
         from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -144,15 +152,15 @@ def _patch(variant: str) -> None:
                 self.scheduler.step()
             return None, stepped
         ms.TorchStrategy.step = step
-    elif variant == "foreach":
+    elif variant == "plainadamw":
         build = mt.build_optimizer
 
-        def build_foreach(*args, **kw):
+        def build_plain(*args, **kw):
             opt = build(*args, **kw)
             for group in opt.param_groups:
-                group["fused"] = None        # torch's default implementation (foreach)
+                group["fused"] = None        # torch's default choice: on CPU, the for-loop
             return opt
-        mt.build_optimizer = build_foreach
+        mt.build_optimizer = build_plain
     elif variant == "rowpad":
         import mtl.data as md
 
@@ -208,7 +216,7 @@ def child_library(a) -> dict:
         return {}
     baton = Baton(a)
     res = train(cfg)
-    return {"own": res["examples_per_s"], "steps": baton.steps, "threads": torch.get_num_threads()}
+    return {"steps": baton.steps, "threads": torch.get_num_threads(), "examples_per_s_own": res["examples_per_s"]}
 
 
 def child_trainer(a) -> dict:
@@ -240,9 +248,9 @@ def child_trainer(a) -> dict:
 
     trainer = InOrder(model=model, args=args, train_dataset=rows, data_collator=DataCollatorWithPadding(tok))
     baton = Baton(a)
-    out = trainer.train()
-    return {"own": out.metrics["train_samples_per_second"], "steps": baton.steps, "threads": torch.get_num_threads(),
-            "optim": str(args.optim), "attn": model.config._attn_implementation}
+    trainer.train()
+    return {"steps": baton.steps, "threads": torch.get_num_threads(), "optim": getattr(args.optim, "value", args.optim),
+            "attn": model.config._attn_implementation}
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,7 +309,7 @@ def main() -> None:
     shared = os.path.normpath(os.path.join(here, "..", "..", "shared", "data"))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--chunk", type=int, default=10, help="steps each side runs per turn")
-    p.add_argument("--chunks", type=int, default=16, help="turns per side and process (steps: warm-up + chunk x chunks)")
+    p.add_argument("--chunks", type=int, default=16, help="turns per side and process (steps: warmup + chunk x chunks)")
     p.add_argument("--warmup", type=int, default=5, help="steps each process runs before its first timed turn")
     p.add_argument("--rounds", type=int, default=2, help="fresh processes for every side, this many times")
     p.add_argument("--data-dir", default=shared if os.path.isdir(shared) else "embedded:sample",
@@ -326,45 +334,68 @@ def main() -> None:
         p.error("--warmup, --chunk and --chunks must be >= 1")
     if a.threads:
         os.environ["OMP_NUM_THREADS"] = str(a.threads)
-    a.tmp = tempfile.mkdtemp(prefix="mtl-bench-trainer-")
     try:
         import accelerate  # noqa: F401
     except ImportError:
         p.error("the Trainer needs accelerate: run this with a Python that has it (see the docstring)")
+    a.tmp = tempfile.mkdtemp(prefix="mtl-bench-trainer-")
+    try:
+        measure(a, variants)
+    finally:
+        shutil.rmtree(a.tmp, ignore_errors=True)     # run folders (best weights) and the token cache
+
+
+def take_turns(a, parity: int, sides: list, children: dict, speeds: dict, ratios: dict, setup: dict,
+               last: bool) -> None:
+    """One pass: every side runs one turn, in order or reversed by ``parity``; after its last
+    turn a side's process is waited for (its end of training runs while the others wait)."""
+    trainer = ("trainer", "default")
+    order = sides if parity % 2 == 0 else sides[::-1]
+    turn = {}
+    for s in order:
+        turn[s] = children[s].run_chunk()
+        if last:
+            setup.update(children[s].finish())
+    for i, k in enumerate(("wall", "cpu")):
+        for s in sides:
+            speeds[k][s].append(BATCH * a.chunk / turn[s][i])
+            ratios[k][s].append(turn[trainer][i] / turn[s][i])
+
+
+def measure(a, variants: list[str]) -> None:
     sides = [("library", v) for v in variants] + [("trainer", "default")]
     trainer = ("trainer", "default")
     clocks = ("wall", "cpu")
     speeds = {k: {s: [] for s in sides} for k in clocks}    # examples/s of every turn, per clock
     ratios = {k: {s: [] for s in sides} for k in clocks}    # per pass: this side / the Trainer's turn
-    own: dict = {s: [] for s in sides}
-    threads = None
-    subprocess.run([sys.executable, __file__, "--child", "library", "--chunk", str(a.chunk), "--chunks",
-                    str(a.chunks), "--warmup", str(a.warmup), "--data-dir", a.data_dir, "--tmp", a.tmp],
-                   check=True, capture_output=True)          # fills the token cache; not measured
+    setup: dict = {}         # the children's last lines: threads, the Trainer's optimizer and attention
+    fill = subprocess.run([sys.executable, __file__, "--child", "library", "--chunk", str(a.chunk), "--chunks",
+                           str(a.chunks), "--warmup", str(a.warmup), "--data-dir", a.data_dir, "--tmp", a.tmp],
+                          capture_output=True, text=True)    # fills the token cache; not measured
+    if fill.returncode != 0:
+        sys.stderr.write((fill.stdout + fill.stderr)[-4000:])
+        raise SystemExit(f"reading and tokenizing {a.data_dir} failed (exit {fill.returncode})")
     for r in range(a.rounds):
-        children = {s: Child(a, *s) for s in sides}
-        for child in children.values():
-            child.ready()
-        for c in range(a.chunks):
-            order = sides if (c + r) % 2 == 0 else sides[::-1]
-            turn = {}
-            for s in order:
-                turn[s] = children[s].run_chunk()
-                if c == a.chunks - 1:
-                    res = children[s].finish()
-                    own[s].append(res["own"])
-                    threads = res["threads"]
-            for i, k in enumerate(clocks):
-                for s in sides:
-                    speeds[k][s].append(BATCH * a.chunk / turn[s][i])
-                    ratios[k][s].append(turn[trainer][i] / turn[s][i])
+        children = {}
+        try:
+            for s in sides:
+                children[s] = Child(a, *s)
+            for child in children.values():
+                child.ready()
+            for c in range(a.chunks):
+                take_turns(a, c + r, sides, children, speeds, ratios, setup, last=c == a.chunks - 1)
+        finally:
+            for child in children.values():
+                if child.proc.poll() is None:      # a side failed: stop the others
+                    child.proc.kill()
+                    child.proc.wait()
         print(f"round {r + 1}: " + ", ".join(
             f"{s[0]}[{s[1]}] {statistics.median(speeds['wall'][s][-a.chunks:]):.2f}" for s in sides)
             + f" examples/s (wall; median of {a.chunks} turns), paired library/Trainer wall " + ", ".join(
             f"{statistics.median(ratios['wall'][s][-a.chunks:]):.3f}" for s in sides if s != trainer), flush=True)
-    print(f"\nsst, {MODEL}, batch {BATCH}, max length {MAX_LENGTH}, data {a.data_dir}, threads {threads}; per process "
-          f"{a.warmup} warm-up steps + {a.chunks} turns of {a.chunk} steps; {a.rounds} rounds of fresh processes; "
-          f"sides taking turns, the order flipping every pass")
+    print(f"\nsst, {MODEL}, batch {BATCH}, max length {MAX_LENGTH}, data {a.data_dir}, threads {setup.get('threads')}; "
+          f"per process {a.warmup} warm-up steps + {a.chunks} turns of {a.chunk} steps; {a.rounds} rounds of "
+          f"fresh processes; sides taking turns, the order flipping every pass")
     print("clock | side | median examples/s | paired ratio to Trainer: median [q1, q3] | turns")
     for k in clocks:
         for s in sides:
@@ -372,8 +403,7 @@ def main() -> None:
             q = statistics.quantiles(x, n=4, method="inclusive") if len(x) > 1 else x * 3
             print(f"{k} | {s[0]}[{s[1]}] | {statistics.median(speeds[k][s]):.2f} | {statistics.median(x):.3f} "
                   f"[{q[0]:.3f}, {q[2]:.3f}] | {len(x)}")
-    print("own figures (median over rounds): " + ", ".join(
-        f"{s[0]}[{s[1]}] {statistics.median(own[s]):.2f}" for s in sides))
+    print(f"Trainer: optim {setup.get('optim')}, attention {setup.get('attn')}")
     print("target: library[default] / Trainer >= 0.95 (paired wall ratio)")
 
 

@@ -92,8 +92,12 @@ def build_optimizer(cfg: RunConfig, model: torch.nn.Module, combiner: Combiner) 
     if extra:
         groups.append({"params": extra, "weight_decay": 0.0, "lr": cfg.combiner.combiner_lr or o.lr})
     # Fused: one kernel set for all parameters instead of a few per parameter tensor (on a GPU
-    # each is a launch).  Same update within rounding.  DeepSpeed wraps the optimizer in its
-    # own mixed-precision machinery: it gets the default implementation.
+    # each is a launch).  On a CPU it matters as much: torch's default there loops over the
+    # parameters (its foreach kernels are CUDA-only), 81 ms a step against 10 ms for MiniLM on
+    # 2 cores, which made a CPU trial ~18% slower than Hugging Face's Trainer (whose default
+    # is adamw_torch_fused; benchmarks/bench_trainer.py).  So: every device, one process too.
+    # Same update within rounding.  DeepSpeed wraps the optimizer in its own mixed-precision
+    # machinery: it gets the default implementation.
     fused = cfg.parallel.strategy == "ddp"
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
 
