@@ -102,18 +102,23 @@ def run_pack(base, k: int, threads: int, root: str, device_peak: bool) -> dict:
             path = folder / f"trial-{i}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(cfg.to_dict()))
-            procs.append((cfg, subprocess.Popen([sys.executable, __file__, "--trial", str(path)],
-                                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
+            # stderr to a file, not a pipe: a trial blocked on a full pipe would pause its
+            # training while another's is being read, and skew the timings.
+            log = open(folder / f"trial-{i}.log", "w")
+            procs.append((cfg, subprocess.Popen([sys.executable, __file__, "--trial", str(path)], env=env,
+                                                stdout=subprocess.DEVNULL, stderr=log), log))
         failed = []
-        for cfg, p in procs:
-            _, err = p.communicate()
+        for cfg, p, log in procs:
+            p.wait()
+            log.close()
             if p.returncode:
+                err = Path(log.name).read_text()
                 failed.append(f"{cfg.out}: exit {p.returncode}: {(err.strip().splitlines() or [''])[-1]}")
         ended = time.time()
     if failed:
         return {"k": k, "error": failed[0]}
-    res = [json.loads(Path(cfg.out, "results.json").read_text()) for cfg, _ in procs]
-    peaks = [json.loads(Path(cfg.out, "peak_memory.json").read_text()) for cfg, _ in procs]
+    res = [json.loads(Path(cfg.out, "results.json").read_text()) for cfg, _, _ in procs]
+    peaks = [json.loads(Path(cfg.out, "peak_memory.json").read_text()) for cfg, _, _ in procs]
     rates = [sum(r["examples"].values()) / r["train_time_s"] for r in res]
     examples = sum(sum(r["examples"].values()) for r in res)
     key = "cuda_reserved_bytes" if "cuda_reserved_bytes" in peaks[0] else "rss_bytes"

@@ -3,7 +3,6 @@ weights as eager within floating-point tolerance, and its checkpoints are eager'
 weight names, so a run can be resumed with or without it.  Slow on CPU (inductor compiles C++
 for each graph): an integration test."""
 import pytest
-import torch
 
 from mtl import checkpoint
 from mtl.train import train
