@@ -9,7 +9,7 @@ import pytest
 import torch
 
 # cuBLAS is deterministic only with a fixed workspace, and it reads this when it starts, so
-# before any test touches CUDA (the resume test compares weights bit for bit).
+# before any test touches CUDA (the resume test asks for deterministic kernels).
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 DRY_RUN = os.environ.get("MTL_GPU_TESTS_ON") == "cpu"
 
