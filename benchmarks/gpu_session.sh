@@ -5,11 +5,13 @@
 # the ignored paths named in `carry` travel, 64 MiB in all).
 #
 #   bash benchmarks/gpu_session.sh prepare                    # here, once: fills .gpu/ (~50 MB)
-#   run: bash benchmarks/gpu_session.sh tests   carry [".gpu"] timeout_s 480   # tests/gpu, bench_pcgrad
-#   run: bash benchmarks/gpu_session.sh bench   carry [".gpu"] timeout_s 590   # bench_step, bench_pack
+#   run: bash benchmarks/gpu_session.sh tests   carry [".gpu"] timeout_s 400   # tests/gpu, bench_pcgrad (<= 6 min)
+#   run: bash benchmarks/gpu_session.sh bench   carry [".gpu"] timeout_s 540   # bench_step, bench_pack (<= 8 min)
 #
 # Each part writes its log to $OUT (it comes back with the run's reply).  A session has
-# 15 minutes of device time in all: the two parts are sized to fit with one start.
+# 15 minutes of device time in all (a start costs ~1 min): the parts' inner timeouts sum to
+# ~6 + ~8 minutes, so run them back to back on one warm machine, or only one if `status`
+# shows less time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 part="${1:?usage: gpu_session.sh prepare|tests|bench}"
@@ -66,20 +68,20 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'transform
 case "$part" in
 tests)
     # ~2-3 minutes: every method x precision, CPU parity, resume, host syncs (nccl: 2 GPUs only).
-    timeout 300 $PY -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/tests-gpu.log" | tail -25 || true
-    timeout 170 $PY benchmarks/bench_pcgrad.py --device cuda --precision bf16 --model "$BERT" --batch-size 16 \
+    timeout 200 $PY -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/tests-gpu.log" | tail -25 || true
+    timeout 150 $PY benchmarks/bench_pcgrad.py --device cuda --precision bf16 --model "$BERT" --batch-size 16 \
         --steps 20 --rounds 2 --data-dir "$DATA" 2>&1 | tee "$OUT/bench_pcgrad.log" | tail -12 || true
     ;;
 bench)
     # bench_step: library vs hand loop and MFU over batch sizes; then --compile beside the
     # default at batch 32 (compiling BERT-base takes a minute or two, once per process).
+    timeout 150 $PY benchmarks/bench_step.py --device cuda --precision bf16 --model "$BERT" --data-dir "$DATA" \
+        --batch-sizes 8,32,128 --steps 20 --rounds 2 --max-length 128 2>&1 | tee "$OUT/bench_step.log" | tail -8 || true
     timeout 170 $PY benchmarks/bench_step.py --device cuda --precision bf16 --model "$BERT" --data-dir "$DATA" \
-        --batch-sizes 8,32,128 --steps 30 --rounds 2 --max-length 128 2>&1 | tee "$OUT/bench_step.log" | tail -8 || true
-    timeout 200 $PY benchmarks/bench_step.py --device cuda --precision bf16 --model "$BERT" --data-dir "$DATA" \
         --batch-sizes 32 --steps 40 --rounds 2 --max-length 128 --variants default,compile,pad16 2>&1 \
         | tee "$OUT/bench_step_compile.log" | tail -8 || true
-    timeout 200 $PY benchmarks/bench_pack.py --device cuda --precision bf16 --model "$BERT" --data-dir "$DATA" \
-        --packs 1,2,4,8,16 --max-steps 40 2>&1 | tee "$OUT/bench_pack.log" | tail -15 || true
+    timeout 150 $PY benchmarks/bench_pack.py --device cuda --precision bf16 --model "$BERT" --data-dir "$DATA" \
+        --packs 1,2,4,8,16 --max-steps 30 2>&1 | tee "$OUT/bench_pack.log" | tail -15 || true
     ;;
 *)
     echo "unknown part $part (prepare, tests, bench)" >&2
