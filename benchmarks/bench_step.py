@@ -33,11 +33,11 @@ from torch.nn.utils.rnn import pad_sequence
 from mtl.config import RunConfig
 from mtl.data import MultiTaskSampler, encode_split, read_split
 from mtl.model import build_model, load_tokenizer
+from mtl.strategy import AUTOCAST_DTYPES, autocast
 from mtl.tasks import TASKS
 from mtl.train import train
 
 VARIANTS = {"default": {}, "compile": {"compile": True}, "pad16": {"pad_to_multiple": 16}}
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def library_run(cfg: RunConfig) -> float:
@@ -74,13 +74,13 @@ def hand_run(cfg: RunConfig, encoded: dict, plan, device: torch.device) -> float
     model = build_model(cfg.model, [TASKS[t] for t in cfg.data.tasks]).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    dtype = DTYPES[cfg.precision]
+    dtype = AUTOCAST_DTYPES[cfg.precision]
     model.train()
     examples = 0
     _sync(device)
     start = time.perf_counter()
     for step in plan:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with autocast(device.type, dtype):
             loss = sum(_hand_loss(model, task, _hand_batch(encoded[task], idx, device))
                        for task, idx in step.micro[0].items())
         examples += sum(len(idx) for idx in step.micro[0].values())
@@ -115,7 +115,7 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--precision", default="fp32", choices=sorted(AUTOCAST_DTYPES))
     p.add_argument("--variants", default="default", help=f"library variants, comma-separated: {', '.join(VARIANTS)}")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the chip's dense peak for --precision, TFLOP/s (default: 989 on CUDA, none on CPU)")

@@ -143,14 +143,7 @@ def _patch(variant: str) -> None:
             # As TorchStrategy.step, without the global norm (and its host sync) when
             # nothing is clipped; the loss check in train_step already guards divergence.
             self.scaler.unscale_(self.optimizer)
-            scale_before = self.loss_scale()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            stepped = self.loss_scale() >= scale_before
-            if stepped:
-                self.scheduler.step()
-            return None, stepped
+            return None, self.apply_step()
         ms.TorchStrategy.step = step
     elif variant == "plainadamw":
         build = mt.build_optimizer

@@ -108,18 +108,15 @@ def model_shape(model: str) -> ModelShape:
 
 
 def head_params(cfg: RunConfig, hidden: int) -> int:
-    """The task heads' parameters, as mtl.model builds them (two linear layers per task)."""
+    """The task heads' parameters: mtl.model's own heads, built on the meta device (no memory)."""
+    import torch
+
+    from mtl.model import build_heads
     from mtl.tasks import TASKS
 
-    total = 0
-    for name in cfg.data.tasks:
-        task = TASKS[name]
-        siamese = task.is_pair and cfg.model.pair_encoding == "siamese"
-        if siamese and name == "sts" and cfg.model.sim_head == "cosine":
-            continue
-        d_in, d_hidden = (3 if siamese else 1) * hidden, cfg.model.head_hidden or hidden
-        total += d_in * d_hidden + d_hidden + d_hidden * task.num_outputs + task.num_outputs
-    return total
+    with torch.device("meta"):
+        heads = build_heads([TASKS[t] for t in cfg.data.tasks], cfg.model, hidden)
+    return sum(p.numel() for p in heads.parameters())
 
 
 @dataclass(frozen=True)

@@ -325,7 +325,5 @@ def write_tensorboard_experiment(trials: list[RunConfig], root: str) -> None:
     writer.file_writer.add_summary(experiment)
     writer.close()
     if local != root:
-        for name in os.listdir(local):
-            with open(os.path.join(local, name), "rb") as fh:
-                storage.write_bytes(storage.join(root, name), fh.read())
+        storage.upload_files(local, root)
         shutil.rmtree(local, ignore_errors=True)

@@ -13,7 +13,6 @@ trial's own row limit applies, so the scores are the ones it recorded.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
@@ -23,6 +22,7 @@ import torch
 from mtl import storage
 from mtl.data import encode_split, read_split
 from mtl.export import load_best
+from mtl.strategy import AUTOCAST_DTYPES, autocast
 from mtl.tasks import TASKS
 
 
@@ -54,10 +54,8 @@ def evaluate(path: str, split: str, data_dir: str | None = None, out: str | None
     siamese = cfg.model.pair_encoding == "siamese"
     encoded = {t: encode_split(r, TASKS[t], tokenizer, cfg.model.max_length, siamese, None) for t, r in raw.items()}
     # The trial's own precision (it evaluated under the same autocast), so the scores are the recorded ones.
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-    kind = torch.device(device).type
-    autocast = (lambda: torch.autocast(kind, dtype=dtype)) if dtype else contextlib.nullcontext
-    preds = predict(model, encoded, cfg.optim.batch_size * 4, autocast, torch.device(device), cfg.pad_multiple)
+    mixed = lambda: autocast(torch.device(device).type, AUTOCAST_DTYPES[cfg.precision])  # noqa: E731
+    preds = predict(model, encoded, cfg.optim.batch_size * 4, mixed, torch.device(device), cfg.pad_multiple)
     for t, pred in preds.items():
         storage.write_text(storage.join(out, f"{t}-{split}-output.csv"), predictions_csv(t, raw[t].ids, pred))
     labelled = {t: p for t, p in preds.items() if raw[t].labelled}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 
@@ -43,9 +42,7 @@ def save_best(out: str, model, weights: dict, tokenizer, meta: dict, predictions
         encoder = {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")}
         model.encoder.save_pretrained(local, state_dict=encoder, safe_serialization=True)
         tokenizer.save_pretrained(local)
-        for name in sorted(os.listdir(local)):
-            with open(os.path.join(local, name), "rb") as fh:
-                storage.write_bytes(storage.join(folder, ENCODER, name), fh.read())
+        storage.upload_files(local, storage.join(folder, ENCODER))
     finally:
         shutil.rmtree(local, ignore_errors=True)
     heads = {k: v.detach().cpu().contiguous() for k, v in weights.items() if k.startswith("heads.")}
@@ -73,9 +70,7 @@ def load_best(path: str, device: str = "cpu"):
     cfg = RunConfig.from_dict(meta["config"])
     local = tempfile.mkdtemp(prefix="mtl-best-")
     try:
-        for name in storage.listdir(storage.join(folder, ENCODER)):
-            with open(os.path.join(local, name), "wb") as fh:
-                fh.write(storage.read_bytes(storage.join(folder, ENCODER, name)))
+        storage.download_files(storage.join(folder, ENCODER), local)
         from transformers.utils import logging as hf_logging
 
         verbosity = hf_logging.get_verbosity()

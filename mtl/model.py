@@ -78,20 +78,25 @@ class MLPHead(nn.Module):
         return self.net(x)
 
 
+def build_heads(tasks: list[TaskSpec], cfg: ModelConfig, width: int) -> nn.ModuleDict:
+    """One MLP head per task on ``width``-wide sentence vectors ([u; v; |u-v|] for siamese pairs);
+    a cosine SIM head has no parameters and no module."""
+    hidden = cfg.head_hidden or width
+    heads = {}
+    for t in tasks:
+        siamese_pair = t.is_pair and cfg.pair_encoding == "siamese"
+        if siamese_pair and t.name == "sts" and cfg.sim_head == "cosine":
+            continue
+        heads[t.name] = MLPHead(3 * width if siamese_pair else width, hidden, t.num_outputs, cfg.dropout)
+    return nn.ModuleDict(heads)
+
+
 class MultiTaskModel(nn.Module):
     def __init__(self, encoder: nn.Module, tasks: list[TaskSpec], cfg: ModelConfig):
         super().__init__()
         self.encoder, self.cfg = encoder, cfg
         self.tasks = {t.name: t for t in tasks}
-        width = encoder.config.hidden_size
-        hidden = cfg.head_hidden or width
-        heads = {}
-        for t in tasks:
-            siamese_pair = t.is_pair and cfg.pair_encoding == "siamese"
-            if siamese_pair and t.name == "sts" and cfg.sim_head == "cosine":
-                continue
-            heads[t.name] = MLPHead(3 * width if siamese_pair else width, hidden, t.num_outputs, cfg.dropout)
-        self.heads = nn.ModuleDict(heads)
+        self.heads = build_heads(tasks, cfg, encoder.config.hidden_size)
         # The pooled vectors of the last forward, per task (PCGrad's representation mode reads them).
         self.last_pooled: dict[str, torch.Tensor] = {}
 

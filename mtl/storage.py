@@ -121,6 +121,23 @@ def listdir(url: str) -> list[str]:
     return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
 
 
+def upload_files(local: str, url: str) -> None:
+    """Copy the files of a local folder (not its subfolders) into the folder ``url``, each
+    written whole (write_bytes).  For what libraries can only write to a local path."""
+    for name in sorted(os.listdir(local)):
+        with open(os.path.join(local, name), "rb") as fh:
+            write_bytes(join(url, name), fh.read())
+
+
+def download_files(url: str, local: str) -> None:
+    """Copy the files of the folder ``url`` into a local folder: for what libraries can only
+    read from a local path."""
+    os.makedirs(local, exist_ok=True)
+    for name in listdir(url):
+        with open(os.path.join(local, name), "wb") as fh:
+            fh.write(read_bytes(join(url, name)))
+
+
 def ensure_writable(url: str) -> None:
     """Fail early, with the URL named, if the run's storage cannot take files."""
     probe = join(url, f".write-probe-{uuid.uuid4().hex[:8]}")

@@ -30,12 +30,20 @@ from mtl.dist import DistContext
 from mtl.errors import CheckpointError
 
 
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device_type: str, dtype: torch.dtype | None):
+    """Mixed precision's autocast for one forward, or nothing for fp32."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
+
+
 class TorchStrategy:
     """Plain PyTorch: autocast and a gradient scaler for mixed precision, DDP across workers."""
 
     def __init__(self, cfg: RunConfig, dist: DistContext):
         self.cfg, self.dist = cfg, dist
-        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+        self.dtype = AUTOCAST_DTYPES[cfg.precision]
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.precision == "fp16")
 
     def setup(self, model, optimizer, scheduler, combiner: torch.nn.Module | None = None) -> None:
@@ -51,9 +59,7 @@ class TorchStrategy:
         return self.module(batches)
 
     def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.dist.device.type, dtype=self.dtype)
+        return autocast(self.dist.device.type, self.dtype)
 
     def accumulating(self, last: bool, combiner):
         if self.module is self.model or (last and not combiner.syncs_gradients_itself):
@@ -84,6 +90,11 @@ class TorchStrategy:
             return grad_norm, False
         if self.cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.cfg.optim.grad_clip, norm)
+        return grad_norm, self.apply_step()
+
+    def apply_step(self) -> bool:
+        """The optimizer and lr steps on gradients already unscaled and checked; whether the step
+        was taken."""
         scale_before = self.loss_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -92,7 +103,7 @@ class TorchStrategy:
         stepped = self.loss_scale() >= scale_before
         if stepped:
             self.scheduler.step()
-        return grad_norm, stepped
+        return stepped
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -230,19 +241,14 @@ class DeepSpeedStrategy(TorchStrategy):
             self.engine.save_checkpoint(local, tag="ds", save_latest=False)
             # Each rank's folder holds only what that rank wrote: its optimizer partition (and,
             # on rank 0, the weights).
-            for name in os.listdir(os.path.join(local, "ds")):
-                with open(os.path.join(local, "ds", name), "rb") as fh:
-                    storage.write_bytes(storage.join(url, name), fh.read())
+            storage.upload_files(os.path.join(local, "ds"), url)
         finally:
             shutil.rmtree(local, ignore_errors=True)
 
     def load_shards(self, url: str) -> None:
         local = tempfile.mkdtemp(prefix="mtl-ds-")
         try:
-            os.makedirs(os.path.join(local, "ds"))
-            for name in storage.listdir(url):
-                with open(os.path.join(local, "ds", name), "wb") as fh:
-                    fh.write(storage.read_bytes(storage.join(url, name)))
+            storage.download_files(url, os.path.join(local, "ds"))
             path, _ = self.engine.load_checkpoint(local, tag="ds", load_lr_scheduler_states=False)
             if path is None:
                 raise CheckpointError(f"{url}: DeepSpeed could not load this checkpoint")

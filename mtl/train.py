@@ -429,7 +429,8 @@ def run(cfg: RunConfig, dist: DistContext, inputs: Inputs, lease: Lease | None,
                 state.conflict_steps += conflicted
                 for name, value in conflict.items():
                     if name.startswith("grad_cos/"):
-                        state.cos_sums[name[len("grad_cos/"):]] = state.cos_sums.get(name[len("grad_cos/"):], 0.0) + value
+                        pair = name.removeprefix("grad_cos/")
+                        state.cos_sums[pair] = state.cos_sums.get(pair, 0.0) + value
                 conflict["grad_conflict/fraction"] = state.conflict_steps / state.measured_steps
                 sink.scalars(state.step + 1, conflict)
             state.examples += sum(step.global_count.values())
