@@ -120,7 +120,11 @@ def clean(out: str) -> None:
     for name in storage.listdir(folder):
         if name.startswith(PREFIX) and name > newest:
             storage.remove(storage.join(folder, name), recursive=True)
-    storage.remove_partial_writes(out)
+    # Only where this library writes (the run folder, best/, checkpoints/ and the published
+    # checkpoint, the token cache): a user's own files below --out are never touched.
+    steps = [storage.join("checkpoints", n) for n in storage.listdir(folder) if n.startswith(PREFIX)]
+    storage.remove_partial_writes(out, ["", "best", storage.join("best", "encoder"), "checkpoints", "token_cache",
+                                        *steps, *(storage.join(s, "shards") for s in steps)])
 
 
 def remove_all(out: str) -> None:

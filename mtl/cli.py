@@ -9,8 +9,8 @@ import sys
 from typing import Callable
 
 from mtl import storage
-from mtl.config import RunConfig, field_docs, set_dotted
-from mtl.errors import ConfigError, MtlError
+from mtl.config import MOVED_TO_PLACEMENT, RunConfig, field_docs, set_dotted
+from mtl.errors import ConfigError, MtlError, kind
 from mtl.stop import EXIT_STOPPED, StopSignal, TrialStopped
 from mtl.presets import PRESETS
 
@@ -19,7 +19,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
                         help="starting values: paper (reference protocol, GPUs), smoke (seconds on CPU), "
                              "default (reference protocol on the embedded encoder and sample data)")
-    parser.add_argument("--config", metavar="JSON", help="a config file (as saved in results.json) to start from")
+    parser.add_argument("--config", metavar="JSON", help="settings to start from: a JSON file (a results.json, "
+                        "meta.json or config as saved, whole or in part) or inline JSON ('{\"optim\": {\"lr\": 2e-5}}')")
     defaults = RunConfig().to_dict()
     group = parser.add_argument_group("run configuration")
     for flag, key, f in field_docs():
@@ -36,17 +37,46 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     d = RunConfig().to_dict()
     if args.config:
-        try:
-            loaded = json.loads(storage.read_text(args.config))
-        except ValueError as exc:
-            raise ConfigError(f"{args.config}: not valid JSON ({exc})") from None
-        d = loaded.get("config", loaded) if isinstance(loaded, dict) else loaded
+        merge_config(d, load_config_arg(args.config), "--config" if args.config.lstrip().startswith("{")
+                     else args.config)
     for key, value in PRESETS[args.preset].items():
         set_dotted(d, key, value)
     for _, key, _ in field_docs():
         if hasattr(args, key):
             set_dotted(d, key, getattr(args, key))
     return RunConfig.from_dict(d)
+
+
+def load_config_arg(value: str) -> dict:
+    """--config's settings: inline JSON, or a file holding a config, or a results/meta file
+    holding one under "config"."""
+    inline = value.lstrip().startswith("{")
+    where = "--config" if inline else value
+    try:
+        loaded = json.loads(value if inline else storage.read_text(value))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: not valid JSON ({exc})") from None
+    if isinstance(loaded, dict) and "config" in loaded:
+        loaded = loaded["config"]
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{where}: a config is a JSON object of settings (as results.json's \"config\"), "
+                          f"not {kind(loaded)}")
+    return loaded
+
+
+def merge_config(d: dict, loaded: dict, where: str, prefix: str = "") -> None:
+    """Settings of ``loaded`` (whole or partial) over ``d``; an unknown one is named with its file."""
+    for key, value in loaded.items():
+        if prefix == "parallel." and key in MOVED_TO_PLACEMENT:
+            continue                       # placement, kept by configs saved before it moved out
+        if key not in d:
+            raise ConfigError(f"{where}: {prefix}{key}: unknown setting")
+        if isinstance(d[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {prefix}{key}: a section of settings, not {kind(value)}")
+            merge_config(d[key], value, where, f"{prefix}{key}.")
+        else:
+            d[key] = value
 
 
 def run_cli(argv: list[str] | None = None) -> int:
@@ -70,12 +100,17 @@ def run_cli(argv: list[str] | None = None) -> int:
 
 def guarded(work: Callable[[], int]) -> int:
     """Runs a trial's command.  Input errors become one line on stderr and exit 2; a stop on
-    request (SIGUSR1/SIGTERM: a scheduler's warning), after its checkpoint, exits 75."""
+    request (SIGUSR1/SIGTERM: a scheduler's warning; a first Ctrl-C), after its checkpoint,
+    exits 75; a second Ctrl-C exits 130 at once."""
     try:
         return work()
     except TrialStopped as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         return EXIT_STOPPED
+    except KeyboardInterrupt:
+        print("error: interrupted (a second Ctrl-C): work since the last checkpoint is lost; run the same "
+              "command again to resume from it", file=sys.stderr)
+        return 130
     except MtlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -36,6 +36,19 @@ def _require(ok: bool, name: str, message: str) -> None:
         raise ConfigError(f"{name}: {message}")
 
 
+def _require_finite(section, prefix: str) -> None:
+    """Every float setting of a section is a finite number: an infinite eps, weight decay or
+    learning rate passes a '> 0' check and then trains nothing (or NaNs) without a word."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if f.type in ("float", float) and isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix}{f.name}: {value} is not a finite number")
+
+
+SEED_MAX = 2 ** 32 - 1       # seeds are mixed with steps and ranks into 64-bit generator seeds
+HEAD_HIDDEN_MAX = 65536      # a head wider than this is a typo (1e8 would ask for ~150 GB)
+
+
 def parse_tasks(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     names = [t.strip() for t in value.split(",")] if isinstance(value, str) else list(value)
     names = [t for t in names if t]
@@ -72,7 +85,9 @@ class ModelConfig:
         _require(0.0 <= self.dropout < 1.0, "model.dropout", f"{self.dropout} is outside [0, 1)")
         _require(self.encoder_dropout == -1.0 or 0.0 <= self.encoder_dropout < 1.0, "model.encoder_dropout",
                  f"{self.encoder_dropout} is neither -1 nor in [0, 1)")
-        _require(self.head_hidden >= 0, "model.head_hidden", "must be >= 0")
+        _require_finite(self, "model.")
+        _require(0 <= self.head_hidden <= HEAD_HIDDEN_MAX, "model.head_hidden",
+                 f"{self.head_hidden} is outside [0, {HEAD_HIDDEN_MAX}]")
         _require(8 <= self.max_length <= 4096, "model.max_length", f"{self.max_length} is outside [8, 4096]")
 
 
@@ -84,7 +99,10 @@ class DataConfig:
     epoch_mode: str = _help("min_size: undersample every task to the smallest; max_size: cycle smaller tasks; "
                             "fixed_n: n examples per task; proportional/temperature: one task per step",
                             default="min_size")
-    examples_per_task: int = _help("examples per task per epoch for epoch_mode=fixed_n", default=0)
+    examples_per_task: int = _help("examples per task per epoch: for epoch_mode=fixed_n (any number: small tasks "
+                                   "repeat), or for min_size to undersample every task to exactly this many "
+                                   "(size control: a study's launcher pins the smallest task of the whole study; "
+                                   "0: the smallest task of this trial)", default=0)
     temperature: float = _help("task sampling probability ~ size^(1/T) for epoch_mode=temperature", default=2.0)
     on_bad_row: str = _help("'error' stops at a malformed row naming file and line; 'skip' skips and counts",
                             default="error")
@@ -103,11 +121,12 @@ class DataConfig:
         _require(self.examples_per_task >= 0, "data.examples_per_task", "must be >= 0")
         _require(self.temperature > 0 and math.isfinite(self.temperature), "data.temperature", "must be > 0")
         _require(self.on_bad_row in ("error", "skip"), "data.on_bad_row", f"{self.on_bad_row!r} is not error|skip")
-        _require(self.epoch_mode == "fixed_n" or self.examples_per_task == 0, "data.examples_per_task",
-                 "applies to --epoch-mode fixed_n")
+        _require(self.epoch_mode in ("fixed_n", "min_size") or self.examples_per_task == 0,
+                 "data.examples_per_task", "applies to --epoch-mode fixed_n or min_size")
         _require(self.epoch_mode == "temperature" or self.temperature == 2.0, "data.temperature",
                  "applies to --epoch-mode temperature")
         _require(self.max_train_rows >= 0 and self.max_dev_rows >= 0, "data.max_*_rows", "must be >= 0")
+        _require_finite(self, "data.")
 
     @property
     def one_task_per_step(self) -> bool:
@@ -130,6 +149,7 @@ class OptimConfig:
     grad_clip: float = _help("clip the global gradient norm to this (0: off)", default=0.0)
 
     def __post_init__(self):
+        _require_finite(self, "optim.")
         for name in ("lr", "eps"):
             _require(getattr(self, name) > 0, f"optim.{name}", "must be > 0")
         _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
@@ -175,6 +195,7 @@ class CombinerConfig:
         _require(self.dtp_kpi in ("train", "dev"), "combiner.dtp_kpi", f"{self.dtp_kpi!r} is not train|dev")
         _require(self.combiner_lr >= 0.0, "combiner.combiner_lr", "must be >= 0")
         _require(self.conflict_every >= 0, "combiner.conflict_every", "must be >= 0")
+        _require_finite(self, "combiner.")
         if isinstance(self.weights, str):
             try:
                 self.weights = tuple(float(w) for w in self.weights.split(",") if w.strip())
@@ -187,6 +208,10 @@ class CombinerConfig:
                  "every weight must be >= 0")
         _require(not self.weights or abs(sum(self.weights) - 1.0) < 1e-6, "combiner.weights",
                  f"{list(self.weights)} sums to {sum(self.weights):g}, not 1")
+        # Both given: which one the method reads would be a silent choice.
+        _require(not self.weights or self.alpha == 0.5, "combiner.weights",
+                 f"given with --alpha {self.alpha:g}: scalarize takes one of them (--alpha for a pair, "
+                 "--weights for any number of tasks)")
 
     def unused(self) -> dict[str, tuple[str, ...]]:
         """Settings given another value than their default that the chosen method never reads,
@@ -249,6 +274,7 @@ class RunConfig:
 
     def __post_init__(self):
         _require(bool(self.out), "out", "must name a folder or URL")
+        _require(0 <= self.seed <= SEED_MAX, "seed", f"{self.seed} is outside [0, {SEED_MAX}]")
         _require(self.precision in PRECISIONS, "precision", f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")
         for name in ("eval_every_epochs", "keep_checkpoints", "log_every_steps"):
             _require(getattr(self, name) >= 1, name, "must be >= 1")
@@ -313,14 +339,14 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "com
 
 # Placement settings that earlier versions kept in the run configuration: configs saved then
 # (checkpoints, results.json) still load, and the settings are dropped (cluster/placement.py).
-_MOVED_TO_PLACEMENT = {"cpus_per_worker", "gpus_per_worker", "max_failures"}
+MOVED_TO_PLACEMENT = {"cpus_per_worker", "gpus_per_worker", "max_failures"}
 
 
 def _build(cls, d: dict, prefix: str):
     if not isinstance(d, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(d).__name__}")
     if cls is ParallelConfig:
-        d = {k: v for k, v in d.items() if k not in _MOVED_TO_PLACEMENT}
+        d = {k: v for k, v in d.items() if k not in MOVED_TO_PLACEMENT}
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(known))
     if unknown:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import logging
 import math
@@ -16,7 +15,7 @@ import torch
 
 from mtl import storage
 from mtl.config import DEFAULT_DATA, DataConfig, OptimConfig
-from mtl.errors import DataError, StorageError
+from mtl.errors import DataError, NotFound
 from mtl.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -57,18 +56,24 @@ def read_split(data_dir: str, task: TaskSpec, split: str, on_bad_row: str = "err
     url = storage.join(resolve_data_dir(data_dir), task.file(split))
     try:
         raw = storage.read_bytes(url)
-    except StorageError:
+    except NotFound:
         raise DataError(f"{url}: file not found (data_dir must hold {task.file(split)})") from None
     try:
-        text = raw.decode("utf-8")
+        # utf-8-sig: a byte-order mark (spreadsheet exports write one) is not part of the first
+        # column's name; read as text it would hide the "id" column and renumber every row.
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise DataError(f"{url}:{line}: not UTF-8 text (byte {exc.start})") from None
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t")
-    header = next(reader, None)
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()                   # the final newline ends the last row; it starts none
+    header = _parse_line(lines[0]) if lines else None
     needed = (*task.text_columns, task.label_column)
     if header is None:
         raise DataError(f"{url}: file is empty (expected a header with {', '.join(needed)})")
+    if isinstance(header, str):
+        raise DataError(f"{url}:1: header: {header}")
     labelled = not labels_optional or task.label_column in header
     if not labelled:
         needed = task.text_columns
@@ -78,9 +83,9 @@ def read_split(data_dir: str, task: TaskSpec, split: str, on_bad_row: str = "err
     where = [header.index(c) for c in needed]
     id_at = header.index("id") if "id" in header else None
     texts, labels, ids, skipped = [], [], [], 0
-    line = reader.line_num + 1
-    for row in reader:
-        reason = _row_problem(row, where, needed, task, labelled)
+    for line, text_line in enumerate(lines[1:], start=2):
+        row = _parse_line(text_line)
+        reason = row if isinstance(row, str) else _row_problem(row, where, needed, task, labelled)
         if reason is None:
             texts.append(tuple(row[i].strip() for i in where[:len(task.text_columns)]))
             labels.append(task.parse_label(row[where[-1]]) if labelled else math.nan)
@@ -89,7 +94,6 @@ def read_split(data_dir: str, task: TaskSpec, split: str, on_bad_row: str = "err
             skipped += 1
         else:
             raise DataError(f"{url}:{line}: {reason} (pass --on-bad-row skip to skip such rows)")
-        line = reader.line_num + 1
     if max_rows and len(labels) > max_rows:
         # Task files are often ordered (by source or label): the first N rows can be far from the
         # data's distribution.  A fixed-seed subset in file order is the same for every trial.
@@ -100,6 +104,57 @@ def read_split(data_dir: str, task: TaskSpec, split: str, on_bad_row: str = "err
     if not labels:
         raise DataError(f"{url}: no usable rows")
     return RawSplit(task.name, url, texts, labels, skipped, hashlib.sha256(raw).hexdigest(), ids)
+
+
+def data_record(splits: list[RawSplit]) -> dict[str, str]:
+    """File name -> sha256 of its bytes, for the files a trial read: saved with its checkpoints
+    and results, so a resume or a rerun on other rows at the same path is refused."""
+    return {s.url.rsplit("/", 1)[-1]: s.digest for s in splits}
+
+
+def file_digests(data_dir: str, tasks: list[TaskSpec], splits=("train", "dev"),
+                 cache: dict[str, str] | None = None) -> dict[str, str]:
+    """The same record computed from the files as they are now (bytes read and hashed, not
+    parsed).  ``cache``: url -> digest, shared by one caller's many trials of the same files."""
+    cache = {} if cache is None else cache
+    out = {}
+    for task in tasks:
+        for split in splits:
+            url = storage.join(resolve_data_dir(data_dir), task.file(split))
+            if url not in cache:
+                try:
+                    cache[url] = hashlib.sha256(storage.read_bytes(url)).hexdigest()
+                except NotFound:
+                    raise DataError(f"{url}: file not found (data_dir must hold {task.file(split)})") from None
+            out[task.file(split)] = cache[url]
+    return out
+
+
+def data_changes(saved: dict[str, str], now: dict[str, str], data_dir: str) -> str:
+    """'' when the files a trial read are unchanged, else which changed, as one line."""
+    changed = sorted(name for name in saved.keys() & now.keys() if saved[name] != now[name])
+    if not changed:
+        return ""
+    where = resolve_data_dir(data_dir)
+    return "; ".join(f"{storage.join(where, n)} changed (sha256 {saved[n][:12]} -> {now[n][:12]})" for n in changed)
+
+
+def _parse_line(line: str) -> list[str] | str:
+    """One physical line as one row's fields, or why it is malformed.  A row is one line: no
+    field of these files holds a tab or a line break, so a quote left open is a broken row, not
+    a field that runs on through the next lines (a CSV reader would swallow every row up to the
+    next stray quote into one field, and train on what is left without a word)."""
+    if line.endswith("\r"):
+        line = line[:-1]
+    try:
+        row = next(csv.reader([line], delimiter="\t", strict=True), [])
+    except csv.Error as exc:
+        if "end of data" in str(exc):
+            return "unbalanced quote (a field opens a \" it never closes)"
+        return f"malformed quoting ({exc})"
+    if any("\t" in cell or "\r" in cell or "\n" in cell for cell in row):
+        return "a quoted field holds a tab or a line break"
+    return row
 
 
 def _row_problem(row: list[str], where: list[int], needed: tuple[str, ...], task: TaskSpec,
@@ -277,10 +332,32 @@ class MultiTaskSampler:
     def examples_per_task(self) -> int:
         mode = self.data.epoch_mode
         if mode == "min_size":
-            return min(self.sizes.values())
+            # Pinned (size control: a study's every trial sees as many examples of each task),
+            # else the smallest task of this trial; check_sizes refused a pin above that.
+            return self.data.examples_per_task or min(self.sizes.values())
         if mode == "max_size":
             return max(self.sizes.values())
         return self.data.examples_per_task
+
+    def check_sizes(self) -> None:
+        """Undersampling draws without repeats: it cannot pin more examples than a task has."""
+        n = self.data.examples_per_task
+        if self.data.epoch_mode == "min_size" and n:
+            short = {t: size for t, size in self.sizes.items() if size < n}
+            if short:
+                task, size = min(short.items(), key=lambda kv: kv[1])
+                raise DataError(f"data.examples_per_task: {n} examples per epoch, but task {task} has {size} "
+                                f"training rows; min_size undersamples and cannot draw more (pin at most {size}, "
+                                f"or use --epoch-mode fixed_n to repeat examples)")
+
+    def examples_per_epoch(self) -> dict[str, int]:
+        """Examples of each task one epoch draws, all workers together (epoch 0's: the
+        one-task-per-step modes draw their mix at random)."""
+        counts = dict.fromkeys(self.sizes, 0)
+        for step in self.epoch(0):
+            for task, n in step.global_count.items():
+                counts[task] += n
+        return counts
 
     def task_probabilities(self) -> dict[str, float]:
         temp = 1.0 if self.data.epoch_mode == "proportional" else self.data.temperature

@@ -17,6 +17,10 @@ class StorageError(MtlError):
     pass
 
 
+class NotFound(StorageError):
+    """The storage answered, and the file is not there (not: the storage could not be reached)."""
+
+
 class CheckpointError(MtlError):
     pass
 
@@ -27,3 +31,10 @@ class TrialFailed(MtlError):
     def __init__(self, message: str, step: int):
         super().__init__(message)
         self.step = step
+
+
+def kind(value) -> str:
+    """What a JSON/YAML value is, for a message: 'a list', 'an integer', ..."""
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+             dict: "a mapping", type(None): "empty"}
+    return names.get(type(value), f"a {type(value).__name__}")

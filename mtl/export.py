@@ -55,7 +55,14 @@ def read_meta(path: str) -> dict:
     url = storage.join(best_folder(path), META)
     if not storage.exists(url):
         raise CheckpointError(f"{path}: no best model (neither {path}/best/{META} nor {path}/{META})")
-    return json.loads(storage.read_text(url))
+    try:
+        meta = json.loads(storage.read_text(url))
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{url}: truncated or not valid JSON (the trial writes it last: its best model "
+                              "was not saved whole; rerun the trial)") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{url}: not a best model's meta (no config)")
+    return meta
 
 
 def load_best(path: str, device: str = "cpu"):
@@ -68,26 +75,43 @@ def load_best(path: str, device: str = "cpu"):
     folder = best_folder(path)
     meta = read_meta(path)
     cfg = RunConfig.from_dict(meta["config"])
+    encoder_url = storage.join(folder, ENCODER)
     local = tempfile.mkdtemp(prefix="mtl-best-")
     try:
-        storage.download_files(storage.join(folder, ENCODER), local)
+        storage.download_files(encoder_url, local)
         from transformers.utils import logging as hf_logging
 
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()       # the saved encoder has no pooler (the heads pool): no report
         try:
             model = build_model(dataclasses.replace(cfg.model, model=local), [TASKS[t] for t in cfg.data.tasks])
+            tokenizer = _tokenizer(local)
+        except Exception as exc:  # noqa: BLE001 - transformers' and safetensors' errors for a broken folder
+            raise CheckpointError(f"{encoder_url}: cannot load the encoder ({_first_line(exc)}): its files are "
+                                  "truncated or missing; rerun the trial") from None
         finally:
             hf_logging.set_verbosity(verbosity)
-        tokenizer = _tokenizer(local)
     finally:
         shutil.rmtree(local, ignore_errors=True)
-    missing, unexpected = model.load_state_dict(load(storage.read_bytes(storage.join(folder, HEADS))), strict=False)
+    heads_url = storage.join(folder, HEADS)
+    try:
+        heads = load(storage.read_bytes(heads_url))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a torn file
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{heads_url}: cannot load the heads ({_first_line(exc)}): truncated or not "
+                              "safetensors; rerun the trial") from None
+    missing, unexpected = model.load_state_dict(heads, strict=False)
     heads_missing = [k for k in missing if k.startswith("heads.")]
     if heads_missing or unexpected:
         raise CheckpointError(f"{folder}/{HEADS}: does not fit the trial's heads "
                               f"(missing {heads_missing[:2]}, unexpected {unexpected[:2]})")
     return model.to(device).eval(), cfg, meta, tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:120]
 
 
 def _tokenizer(local: str):

@@ -1,7 +1,8 @@
 """Stopping a trial cleanly on request: a checkpoint at the next step boundary, then exit.
 
 Schedulers warn before they take a job away (SLURM's ``--signal=USR1@120`` ahead of the time
-limit, SIGTERM on preemption).  ``StopSignal.install()`` turns those signals into a flag and
+limit, SIGTERM on preemption), and a user at a terminal presses Ctrl-C (SIGINT): the first
+Ctrl-C stops like SIGTERM, a second one aborts at once (KeyboardInterrupt).  ``StopSignal.install()`` turns those signals into a flag and
 nothing more (a handler that saved from inside a signal would interrupt a step half-way, and
 on one rank only); ``train()`` checks the flag between optimizer steps, writes a full
 checkpoint and raises ``TrialStopped``.  Running the same trial again resumes from it, with
@@ -30,9 +31,9 @@ class TrialStopped(Exception):
 
 
 class StopSignal:
-    """A flag raised by SIGUSR1 or SIGTERM (or ``request()``), agreed across ranks."""
+    """A flag raised by SIGUSR1, SIGTERM or SIGINT (or ``request()``), agreed across ranks."""
 
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.signum: int | None = None
@@ -45,6 +46,13 @@ class StopSignal:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.signum is not None:
+                raise KeyboardInterrupt      # the second Ctrl-C: the user does not want to wait
+            import sys
+
+            print("stopping after the step under way, with a checkpoint (Ctrl-C again aborts at once)",
+                  file=sys.stderr, flush=True)
         self.signum = signum
 
     def request(self, signum: int = signal.SIGUSR1) -> None:

@@ -15,7 +15,7 @@ import uuid
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from mtl.errors import StorageError
+from mtl.errors import NotFound, StorageError
 
 
 def join(base: str, *parts: str) -> str:
@@ -54,7 +54,14 @@ def read_bytes(url: str) -> bytes:
     try:
         return fs.cat_file(path)
     except FileNotFoundError:
-        raise StorageError(f"{url}: no such file") from None
+        raise NotFound(f"{url}: no such file") from None
+    except IsADirectoryError:
+        raise StorageError(f"{url}: a folder, not a file") from None
+    except Exception as exc:   # noqa: BLE001 - a remote store's own errors (unreachable host, refused access)
+        if isinstance(exc, (KeyboardInterrupt, MemoryError)):
+            raise
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise StorageError(f"{url}: cannot read ({reason})") from None
 
 
 def read_text(url: str) -> str:
@@ -93,21 +100,30 @@ def remove(url: str, recursive: bool = False) -> None:
         fs.rm(path, recursive=recursive)
 
 
-TMP_MARK = ".tmp-"      # write_bytes' temporary files: <name>.tmp-<8 hex>
+# write_bytes' temporary files: <name>.mtl-partial-<8 hex>, a mark no one else's file carries.
+TMP_MARK = ".mtl-partial-"
 
 
-def remove_partial_writes(url: str) -> int:
-    """Delete temporary files that a killed write_bytes left below ``url`` (only local
-    filesystems have them: object stores put whole objects).  Returns how many."""
+def is_partial_write(name: str) -> bool:
+    head, mark, tail = name.rpartition(TMP_MARK)
+    return bool(mark and head and len(tail) == 8 and all(c in "0123456789abcdef" for c in tail))
+
+
+def remove_partial_writes(url: str, folders: list[str]) -> int:
+    """Delete the temporary files a killed write_bytes left in the given ``folders`` of ``url``
+    (only local filesystems have them: object stores put whole objects), and nothing else: not
+    in other folders, not files of another name.  Returns how many."""
     fs, path = filesystem(url)
     if not isinstance(fs, LocalFileSystem) or not os.path.isdir(path):
         return 0
     removed = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            head, mark, tail = name.rpartition(TMP_MARK)
-            if mark and head and len(tail) == 8 and all(c in "0123456789abcdef" for c in tail):
-                os.unlink(os.path.join(root, name))
+    for folder in folders:
+        where = os.path.join(path, folder)
+        if not os.path.isdir(where):
+            continue
+        for name in os.listdir(where):
+            if is_partial_write(name) and os.path.isfile(os.path.join(where, name)):
+                os.unlink(os.path.join(where, name))
                 removed += 1
     return removed
 

@@ -21,13 +21,14 @@ from typing import Callable
 
 import torch
 
-from mtl import checkpoint, export, storage
+from mtl import checkpoint, export, results as trial_results, storage
 from mtl.combine import Combiner, build_combiner
 from mtl.config import RunConfig
 from mtl.errors import ConfigError, MtlError, TrialFailed
 from mtl.lease import Lease, LeaseHeld
 from mtl.conflict import conflict_stats, probe_gram
-from mtl.data import MultiTaskSampler, Step, encode_split, eval_order, make_batch, read_split
+from mtl.data import (MultiTaskSampler, Step, data_changes, data_record, encode_split, eval_order, file_digests,
+                      make_batch, read_split)
 from mtl.dist import DistContext
 from mtl.model import MultiTaskModel, build_model, load_tokenizer
 from mtl.monitor import NullSink, TensorBoardSink, progress_bar
@@ -120,6 +121,8 @@ def check_run(cfg: RunConfig) -> Combiner:
     raises ConfigError before anything is read or written."""
     check_device(cfg.device)
     check_model_path(cfg.model.model)
+    check_select_metric(cfg)
+    check_path_names(cfg.out, "out")
     if not cfg.allow_ephemeral_out and storage.is_ephemeral(cfg.out):
         raise ConfigError(f"out: {cfg.out} lives only in this process and is gone when it ends "
                           "(pass --allow-ephemeral-out true if that is what you want)")
@@ -129,6 +132,38 @@ def check_run(cfg: RunConfig) -> Combiner:
         raise ConfigError(f"parallel.zero_stage: {cfg.combiner.combiner} {combiner.zero_stage_limit}, which ZeRO "
                           f"stage {stage} partitions (use --zero-stage {combiner.max_zero_stage} or lower)")
     return combiner
+
+
+def check_select_metric(cfg: RunConfig) -> None:
+    if cfg.select_metric == "mean":
+        return
+    task, _, metric = cfg.select_metric.partition("/")
+    names = TASKS[task].metric_names
+    if metric not in names:
+        raise ConfigError(f"select_metric: {cfg.select_metric!r} is not a metric of {task} (its metrics: "
+                          f"{', '.join(f'{task}/{m}' for m in names)}; or 'mean')")
+
+
+NAME_MAX = 255      # bytes in one file or folder name, on every common filesystem and object store key part
+
+
+def check_path_names(url: str, what: str) -> None:
+    """A path part longer than filesystems take fails at the first write, deep in a library."""
+    for part in url.split("://", 1)[-1].split("/"):
+        if len(part.encode()) > NAME_MAX:
+            raise ConfigError(f"{what}: the name {part[:40]}... is {len(part.encode())} bytes, over the {NAME_MAX} "
+                              f"a file name may have")
+
+
+def check_workers(cfg: RunConfig, dist: DistContext) -> None:
+    """The workers a trial records are the processes that train it: one process asked for two
+    would train alone and be recorded (and named, and resumed) as a two-worker trial."""
+    if cfg.parallel.workers != dist.world_size:
+        n = cfg.parallel.workers
+        how = (f"run it as torchrun --nproc-per-node {n} -m mtl.train ... --workers {n}, or through a launcher "
+               f"(launch/submit.py)" if dist.world_size == 1 else f"pass --workers {dist.world_size}")
+        raise ConfigError(f"parallel.workers: {n} asked for, but {dist.world_size} process(es) train this trial: "
+                          f"{how}")
 
 
 def check_device(device: str) -> None:
@@ -257,6 +292,7 @@ class Inputs:
     resumed: dict | None         # its contents
     started: float               # perf_counter and wall clock when the trial began
     started_at: float
+    data: dict                   # file name -> sha256 of the data files read (mtl.data.data_record)
 
 
 def train(cfg: RunConfig, dist: DistContext | None = None, on_checkpoint: Callable[[dict], None] | None = None,
@@ -271,6 +307,7 @@ def train(cfg: RunConfig, dist: DistContext | None = None, on_checkpoint: Callab
     to finish or die.  A diverged trial raises ``TrialFailed`` and is recorded as failed."""
     combiner = check_run(cfg)
     dist = dist or DistContext.from_env(cfg.device)
+    check_workers(cfg, dist)
     done = finished_results(cfg)
     if done is not None:
         log.info("%s is done: its results stand", cfg.out)
@@ -295,35 +332,43 @@ def prepare(cfg: RunConfig, combiner: Combiner) -> Inputs:
     started, started_at = time.perf_counter(), time.time()
     tasks = [TASKS[t] for t in cfg.data.tasks]
     raw_train, raw_dev = read_data(cfg, tasks)
+    MultiTaskSampler({t: len(r) for t, r in raw_train.items()}, cfg.data, cfg.optim, cfg.seed).check_sizes()
+    data = data_record([*raw_train.values(), *raw_dev.values()])
     tokenizer = load_tokenizer(cfg.model)
     prior = checkpoint.latest(cfg.out)
     resumed = checkpoint.load(prior) if prior else None
     if resumed:
-        check_same_trial(resumed["config"], cfg)
-    return Inputs(combiner, tasks, raw_train, raw_dev, tokenizer, prior, resumed, started, started_at)
+        check_same_trial(resumed["config"], cfg, resumed.get("data"), data)
+    return Inputs(combiner, tasks, raw_train, raw_dev, tokenizer, prior, resumed, started, started_at, data)
 
 
 def results_url(cfg: RunConfig) -> str:
-    return storage.join(cfg.out, "results.json")
+    return trial_results.url(cfg.out)
 
 
 def finished_results(cfg: RunConfig) -> dict | None:
-    """The results of this trial when it is done (a failed one is tried again)."""
-    if not storage.exists(results_url(cfg)):
+    """The results of this trial when it is done (a failed one is tried again, an unreadable
+    results.json is said and not counted)."""
+    results = trial_results.read_or_none(cfg.out)
+    if results is None or results.get("status", "done") != "done":
         return None
-    results = json.loads(storage.read_text(results_url(cfg)))
-    if results.get("status", "done") != "done":
-        return None
-    check_same_trial(results["config"], cfg)
+    saved = results.get("data")
+    check_same_trial(results["config"], cfg, saved,
+                     file_digests(cfg.data.data_dir, [TASKS[t] for t in cfg.data.tasks]) if saved else None)
     return results
 
 
-def check_same_trial(saved: dict, cfg: RunConfig) -> None:
-    """Refuse to continue a run folder started with settings that change the numbers."""
+def check_same_trial(saved: dict, cfg: RunConfig, saved_data: dict | None = None, data: dict | None = None) -> None:
+    """Refuse to continue a run folder started with settings that change the numbers, or on data
+    files whose contents changed since (same path, other rows: one trial on two datasets)."""
     changed = RunConfig.from_dict(saved).identity_changes(cfg)
     if changed:
         raise ConfigError(f"{cfg.out} holds a trial started with other settings ({changed}): resume it with its "
                           "own settings, or use another --out")
+    changed = data_changes(saved_data or {}, data or {}, cfg.data.data_dir)
+    if changed:
+        raise ConfigError(f"{cfg.out} holds a trial started on other data: {changed}; restore the files, or use "
+                          "another --out")
 
 
 @contextlib.contextmanager
@@ -366,6 +411,7 @@ def run(cfg: RunConfig, dist: DistContext, inputs: Inputs, lease: Lease | None,
     sampler = MultiTaskSampler({t: len(e) for t, e in train_sets.items()}, cfg.data, cfg.optim, cfg.seed,
                                dist.rank, dist.world_size)
     steps_per_epoch = sampler.steps_per_epoch()
+    examples_per_epoch = sampler.examples_per_epoch()
     total_steps = steps_per_epoch * cfg.optim.epochs
     if cfg.optim.max_steps:
         total_steps = min(total_steps, cfg.optim.max_steps)
@@ -397,7 +443,7 @@ def run(cfg: RunConfig, dist: DistContext, inputs: Inputs, lease: Lease | None,
         if dist.is_main:
             storage.save_torch(checkpoint.state_url(folder), {
                 "model": weights, "strategy": strategy.state_dict(), "combiner": combiner.state_dict(),
-                "state": vars(state).copy(), "config": cfg.to_dict(), "step": state.step})
+                "state": vars(state).copy(), "config": cfg.to_dict(), "step": state.step, "data": inputs.data})
         strategy.save_shards(checkpoint.shards_url(folder))
         dist.barrier()     # every rank's part is written before the checkpoint is published
         if dist.is_main:
@@ -489,6 +535,8 @@ def run(cfg: RunConfig, dist: DistContext, inputs: Inputs, lease: Lease | None,
         "resumed_from_steps": state.resumed_from, "wall_time_s": state.wall_time_s, "train_time_s": state.train_time_s,
         "examples_per_s": state.examples / max(state.train_time_s, 1e-9), "world_size": dist.world_size,
         "skipped_rows": {t: raw_train[t].skipped + raw_dev[t].skipped for t in raw_train},
+        "train_rows": {t: len(raw_train[t]) for t in raw_train}, "examples_per_epoch": examples_per_epoch,
+        "data": inputs.data,
         "grad_conflict_fraction": state.conflict_steps / state.measured_steps if state.measured_steps else None,
         "grad_cos_mean": {pair: total / state.measured_steps for pair, total in state.cos_sums.items()},
         "weights_digest": weights_digest(strategy.full_state_dict()),

@@ -145,7 +145,7 @@ def test_two_nccl_workers_match_one_worker_with_twice_the_batch(make_config, tmp
     common = {"data.tasks": "sst,sts", "data.max_train_rows": 44, "optim.epochs": 1, "precision": "fp32",
               **METHODS[method]}
     one = make_config(out=str(tmp_path / "one"), device="cuda:0", **common, **{"optim.batch_size": 8})
-    two = make_config(out=str(tmp_path / "two"), device="auto", **common, **{"optim.batch_size": 4})
+    two = make_config(out=str(tmp_path / "two"), device="auto", **common, **{"optim.batch_size": 4, "parallel.workers": 2})
     train(one)
     mp.spawn(_nccl_worker, args=(2, free_port(), two.to_dict()), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / "two" / f"rank-{r}.json").read_text()) for r in (0, 1)]

@@ -36,10 +36,35 @@ def test_row_limits_take_a_fixed_random_subset_not_the_head(tmp_path):
 
 
 def test_quoted_fields_with_doubled_quotes(tmp_path):
-    write(tmp_path, "para", "train", ['0\ta\t"He said ""hi""\tthere"\tother\t1.0'])
+    write(tmp_path, "para", "train", ['0\ta\t"He said ""hi"" there"\tother\t1.0'])
     split = read_split(str(tmp_path), TASKS["para"], "train")
-    assert split.texts == [('He said "hi"\tthere', "other")]
+    assert split.texts == [('He said "hi" there', "other")]
     assert split.labels == [1.0]
+
+
+def test_a_stray_quote_breaks_one_row_not_the_rows_after_it(tmp_path):
+    # A CSV reader would run the open quote on through the following lines: 140 of 400 rows of
+    # the Quora sample vanished into one field that way, and skipping left an SST file 1 row.
+    rows = [f'{i}\ta{i}\tq {i}\tr {i}\t{i % 2}.0' for i in range(6)]
+    rows[1] = '1\ta1\t"q 1\tr 1\t1.0'
+    write(tmp_path, "para", "train", rows)
+    with pytest.raises(DataError, match=r"quora-train.csv:3: unbalanced quote"):
+        read_split(str(tmp_path), TASKS["para"], "train")
+    split = read_split(str(tmp_path), TASKS["para"], "train", on_bad_row="skip")
+    assert split.skipped == 1 and len(split) == 5 and split.ids == ["a0", "a2", "a3", "a4", "a5"]
+
+
+def test_a_quoted_tab_or_line_break_is_a_malformed_field(tmp_path):
+    write(tmp_path, "para", "train", ['0\ta\t"one\ttab"\tother\t1.0', '1\tb\tfine\tfine\t0.0'])
+    with pytest.raises(DataError, match=r"quora-train.csv:2: a quoted field holds a tab"):
+        read_split(str(tmp_path), TASKS["para"], "train")
+    assert len(read_split(str(tmp_path), TASKS["para"], "train", on_bad_row="skip")) == 1
+
+
+def test_a_byte_order_mark_is_not_part_of_the_header(tmp_path):
+    (tmp_path / "sst-dev.csv").write_bytes("\ufeffid\tsentence\tsentiment\nx7\tgood\t3\ny9\tbad\t1\n".encode())
+    split = read_split(str(tmp_path), TASKS["sst"], "dev")
+    assert split.ids == ["x7", "y9"] and split.labels == [3.0, 1.0]
 
 
 @pytest.mark.parametrize("task,row,reason", [
@@ -63,10 +88,12 @@ def test_malformed_row_names_file_line_and_reason(tmp_path, task, row, reason):
     assert (len(skipped), skipped.skipped) == (2, 1)
 
 
-def test_line_numbers_count_physical_lines_across_quoted_newlines(tmp_path):
-    path = write(tmp_path, "sst", "train", ['0\ta\t"two\nlines"\t1', "1\tb\tok\t9"])
-    with pytest.raises(DataError, match=rf"^{path}:4: "):
+def test_line_numbers_are_physical_lines_and_a_quoted_line_break_is_malformed(tmp_path):
+    path = write(tmp_path, "sst", "train", ["0\ta\tfine\t1", '1\tb\t"two\nlines"\t1', "2\tc\tok\t9"])
+    with pytest.raises(DataError, match=rf"^{path}:3: unbalanced quote"):
         read_split(str(tmp_path), TASKS["sst"], "train")
+    split = read_split(str(tmp_path), TASKS["sst"], "train", on_bad_row="skip")   # each line is its own row
+    assert split.ids == ["a"] and split.skipped == 3
 
 
 def test_missing_header_column_and_missing_file(tmp_path):

@@ -66,7 +66,7 @@ def test_deepspeed_resumes_from_its_shards(make_config, tmp_path, stage):
 def test_two_deepspeed_workers_match_one_with_twice_the_batch(make_config, tmp_path, stage):
     extra = {**COMMON, "data.max_train_rows": 40, "parallel.strategy": "deepspeed", "parallel.zero_stage": stage}
     train(make_config(out=str(tmp_path / "one"), **extra, **{"optim.batch_size": 8}))
-    two = make_config(out=str(tmp_path / "two"), **extra, **{"optim.batch_size": 4})
+    two = make_config(out=str(tmp_path / "two"), **extra, **{"optim.batch_size": 4, "parallel.workers": 2})
     mp.spawn(_worker, args=(2, free_port(), two.to_dict()), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / "two" / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["digest"] == ranks[1]["digest"]

@@ -43,7 +43,7 @@ METHODS = {
 def test_two_gloo_workers_match_one_worker_with_twice_the_batch(make_config, tmp_path, method):
     common = {"data.tasks": "sst,sts", "data.max_train_rows": 44, "optim.epochs": 1, **METHODS[method]}
     one = make_config(out=str(tmp_path / "one"), **common, **{"optim.batch_size": 8})
-    two = make_config(out=str(tmp_path / "two"), **common, **{"optim.batch_size": 4})
+    two = make_config(out=str(tmp_path / "two"), **common, **{"optim.batch_size": 4, "parallel.workers": 2})
     torch.set_num_threads(1)
     r1 = train(one)
     mp.spawn(_worker, args=(2, free_port(), two.to_dict()), nprocs=2, join=True)
@@ -61,7 +61,8 @@ def test_two_gloo_workers_match_one_worker_with_twice_the_batch(make_config, tmp
 def test_pcgrad_representation_mode_keeps_replicas_identical(make_config, tmp_path):
     cfg = make_config(out=str(tmp_path / "two"), **{"data.tasks": "sst,para,sts", "data.max_train_rows": 24,
                                                      "combiner.combiner": "pcgrad",
-                                                     "combiner.pcgrad_on": "representation"})
+                                                     "combiner.pcgrad_on": "representation",
+                                                     "parallel.workers": 2})
     mp.spawn(_worker, args=(2, free_port(), cfg.to_dict()), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / "two" / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1] and ranks[0]["steps"] == 3

@@ -125,7 +125,8 @@ def test_a_finished_trial_returns_its_results_and_refuses_other_settings(tiny_mo
     (["--combiner", "sum", "--alpha", "0.3"], "error: combiner.alpha: applies to --combiner scalarize, not sum"),
     (["--combiner", "pcgrad", "--tasks", "sst,para", "--weights", "0.5,0.5"],
      "error: combiner.weights: applies to --combiner scalarize, not pcgrad"),
-    (["--epoch-mode", "min_size", "--examples-per-task", "8"], "error: data.examples_per_task: applies to --epoch-mode fixed_n"),
+    (["--epoch-mode", "max_size", "--examples-per-task", "8"],
+     "error: data.examples_per_task: applies to --epoch-mode fixed_n or min_size"),
     (["--model", "/nonexistent/encoder"], "error: model.model: /nonexistent/encoder: no such folder"),
 ])
 def test_everything_is_checked_before_the_first_write(tiny_model_dir, tmp_path, capsys, flags, message):
@@ -157,10 +158,10 @@ def test_leftovers_of_a_killed_writer_are_cleaned_at_start(tiny_model_dir, tmp_p
     args = base(tiny_model_dir, out, "--keep-final-state", "true", "--epochs", "2")
     assert run(args, capsys)[0] == 0
     (out / "results.json").unlink()
-    (out / "best" / "meta.json.tmp-0badc0de").write_bytes(b"half")          # a torn atomic write
+    (out / "best" / "meta.json.mtl-partial-0badc0de").write_bytes(b"half")          # a torn atomic write
     (out / "checkpoints" / "step-00000099" / "shards").mkdir(parents=True)  # a save never published
     assert run(args, capsys)[0] == 0
-    assert not (out / "best" / "meta.json.tmp-0badc0de").exists()
+    assert not (out / "best" / "meta.json.mtl-partial-0badc0de").exists()
     assert not (out / "checkpoints" / "step-00000099").exists()
 
 

@@ -88,7 +88,7 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(make_config, tmp
     from tests.unit.test_dist import free_port
 
     cfg = make_config(out=str(tmp_path / "two"), save_every_steps=2,
-                      **{"data.tasks": "sst,sts", "data.max_train_rows": 40, "optim.epochs": 2})
+                      **{"data.tasks": "sst,sts", "data.max_train_rows": 40, "optim.epochs": 2, "parallel.workers": 2})
     mp.spawn(_worker, args=(2, free_port(), cfg.to_dict()), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / "two" / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1] == {"stopped_at": 2}
