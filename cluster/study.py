@@ -27,12 +27,13 @@ import math
 import os
 from collections import Counter
 
-from mtl import storage
-from mtl.config import CombinerConfig, RunConfig, set_dotted
-from mtl.errors import ConfigError
+from mtl import results as trial_results, storage
+from mtl.config import NON_IDENTITY, CombinerConfig, RunConfig, set_dotted
+from mtl.errors import ConfigError, kind
 from mtl.monitor import flatten
 
-RESULTS = "results.json"
+SIZE_CONTROLS = ("study", "pairing", "none")
+NAME_MAX = 255       # bytes in one file or folder name
 SINGLES = ["sst", "para", "sts"]
 PAIRS = ["sst,para", "sst,sts", "para,sts"]
 ALPHAS = [round(0.1 * i, 1) for i in range(1, 10)]
@@ -85,9 +86,16 @@ def yaml_axes(path: str) -> tuple[list[dict], dict]:
         raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: a grid is a mapping with 'axes' and 'fixed'")
-    unknown = set(spec) - {"axes", "fixed"}
+    unknown = set(map(str, spec)) - {"axes", "fixed"}
     if unknown:
         raise ConfigError(f"{path}: unknown key {sorted(unknown)[0]!r} (expected axes, fixed)")
+    for part in ("axes", "fixed"):
+        if not isinstance(spec.get(part) or {}, dict):
+            raise ConfigError(f"{path}: {part} must be a mapping of setting: "
+                              f"{'[values]' if part == 'axes' else 'value'}, not {kind(spec[part])}")
+        for key in spec.get(part) or {}:
+            if not isinstance(key, str):
+                raise ConfigError(f"{path}: {part}.{key}: a setting's name is text, not {kind(key)}")
     axes = {dotted_key(k, f"{path}: axes."): v for k, v in (spec.get("axes") or {}).items()}
     fixed = {dotted_key(k, f"{path}: fixed."): v for k, v in (spec.get("fixed") or {}).items()}
     for key, values in axes.items():
@@ -95,17 +103,32 @@ def yaml_axes(path: str) -> tuple[list[dict], dict]:
             raise ConfigError(f"{path}: axes.{key} must be a non-empty list")
         if key in fixed:
             raise ConfigError(f"{path}: {key} is both an axis and fixed")
+        if key in NON_IDENTITY:
+            raise ConfigError(f"{path}: axes.{key}: not a setting of what a trial computes (where it is stored, how "
+                              "it logs or runs), so an axis of it would repeat the same trials; set it on the "
+                              "command line")
+    if "out" in fixed:
+        raise ConfigError(f"{path}: fixed.out: every trial's folder is <storage>/<trial name>; choose the storage "
+                          "with --storage")
     names = list(axes)
     return [dict(zip(names, combo)) for combo in itertools.product(*(axes[n] for n in names))], fixed
 
 
-def parse_seeds(text: str) -> list[int]:
+def parse_seeds(text: str | None) -> list[int] | None:
+    """The --seeds list, None when it was not given (a grid's own seed axis then decides)."""
+    if text is None:
+        return None
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"--seeds: {text!r} is not a comma-separated list of integers") from None
     if not seeds:
         raise ConfigError("--seeds: at least one seed is needed")
+    from mtl.config import SEED_MAX
+
+    for seed in seeds:
+        if not 0 <= seed <= SEED_MAX:
+            raise ConfigError(f"--seeds: {seed} is outside [0, {SEED_MAX}]")
     return seeds
 
 
@@ -125,35 +148,138 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
                           "data.cache_dir": absolute(cfg.data.cache_dir), "model.model": model})
 
 
-def expand(grid: str, base: RunConfig, storage_root: str, seeds: list[int]) -> list[RunConfig]:
+def expand(grid: str, base: RunConfig, storage_root: str, seeds: list[int] | None,
+           size_control: str = "study") -> list[RunConfig]:
     """RunConfigs for a grid, each with out=<storage_root>/<trial name>, in a stable order: the
-    same arguments give the same list on every machine."""
+    same arguments (and data) give the same list on every machine.  ``seeds`` None: seed 0,
+    unless the grid has its own seed axis.  ``size_control`` pins how many examples of each task
+    the min_size trials see per epoch (see ``control_sizes``)."""
     storage_root = absolute(storage_root)
+    if size_control not in SIZE_CONTROLS:
+        raise ConfigError(f"--size-control: {size_control!r} is not one of {', '.join(SIZE_CONTROLS)}")
     if not base.data.cache_dir:      # one token cache for the study (a file per split, safe to share)
         base = base.replace(**{"data.cache_dir": storage.join(storage_root, "token_cache")})
     base = with_absolute_paths(base)
+    origin = grid
     if grid in NAMED:
         combos, fixed = NAMED[grid](), {}
     elif storage.exists(grid):
         combos, fixed = yaml_axes(grid)
     else:
         raise ConfigError(f"--grid: {grid!r} is neither a named grid ({', '.join(NAMED)}) nor a YAML file")
-    if "seed" not in fixed and not any("seed" in c for c in combos):
-        combos = [{**c, "seed": s} for s in seeds for c in combos]
+    own_seeds = "seed" in fixed or any("seed" in c for c in combos)
+    if own_seeds and seeds is not None:
+        raise ConfigError(f"--seeds: {origin} sets the seed itself ({'fixed' if 'seed' in fixed else 'an axis'}); "
+                          "give the seeds in one place")
+    if not own_seeds:
+        combos = [{**c, "seed": s} for s in (seeds or [0]) for c in combos]
     entries, seen = [], set()
     for combo in combos:
-        cfg = base.replace(**{**fixed, **combo})
+        try:
+            cfg = base.replace(**{**fixed, **combo})
+        except ConfigError as exc:
+            field, _, reason = str(exc).partition(": ")
+            part = next((f"axes.{k}" for k in combo if k == field), next((f"fixed.{k}" for k in fixed if k == field),
+                                                                        None))
+            if part is None or grid in NAMED:
+                raise
+            raise ConfigError(f"{origin}: {part}: {reason}") from None
         # An axis of one method's setting (alpha, pcgrad_on, ...) does not repeat the other methods.
         defaults = CombinerConfig()
         cfg = cfg.replace(**{f"combiner.{k}": getattr(defaults, k) for k in cfg.combiner.unused()})
         if cfg.fingerprint() not in seen:
             seen.add(cfg.fingerprint())
-            entries.append((cfg, combo, _compose_name(cfg, combo)))
+            entries.append((cfg, combo))
+    entries = control_sizes(entries, size_control)
+    named = [(cfg, combo, _compose_name(cfg, combo)) for cfg, combo in entries]
     # Trials the naming rule cannot tell apart all get a suffix from what varies for them (never
     # from where the study runs), whatever their order: a name always means the same trial.
-    taken = Counter(name for _, _, name in entries)
-    return [cfg.replace(out=storage.join(storage_root, name if taken[name] == 1 else f"{name}-{_digest(combo)}"))
-            for cfg, combo, name in entries]
+    taken = Counter(name for _, _, name in named)
+    trials = [cfg.replace(out=storage.join(storage_root, name if taken[name] == 1 else f"{name}-{_digest(combo)}"))
+              for cfg, combo, name in named]
+    for t in trials:
+        name = trial_name(t)
+        if len(name.encode()) > NAME_MAX:
+            raise ConfigError(f"{origin}: trial name {name[:48]}... is {len(name.encode())} bytes, over the "
+                              f"{NAME_MAX} a folder name may have: shorten the grid's values")
+    return trials
+
+
+# --------------------------------------------------------------------------------------------
+# Size control
+# --------------------------------------------------------------------------------------------
+def control_sizes(entries: list[tuple[RunConfig, dict]], mode: str) -> list[tuple[RunConfig, dict]]:
+    """Pin ``data.examples_per_task`` into the trials that undersample (epoch_mode min_size), so a
+    task's change against its single-task baseline compares equal amounts of its data:
+
+    - ``study`` (default): every trial sees, per epoch, as many examples of each of its tasks as
+      the smallest training set among all the study's tasks has (per data source: trials of
+      another data folder or row limit get their own number);
+    - ``pairing``: a multi-task trial sees its own smallest task's size, and each single-task
+      baseline is run once per size its task sees in the study's pairings (named ``-n<N>``);
+    - ``none``: each trial undersamples to its own smallest task (a baseline then sees its whole
+      training set, more than the same task inside any pairing).
+
+    A size the user pinned (``--examples-per-task``) is kept under ``study``.  The counts come
+    from reading the training files as the trials will (bad rows, row limits)."""
+    if mode == "none":
+        return entries
+    under = [cfg for cfg, _ in entries if cfg.data.epoch_mode == "min_size"]
+    if not under:
+        return entries
+    if mode == "pairing" and any(cfg.data.examples_per_task for cfg in under):
+        raise ConfigError("--examples-per-task pins one size for every trial, --size-control pairing one per "
+                          "pairing: give one of them (or --size-control none)")
+    rows = _TrainRows()
+    smallest: dict[tuple, int] = {}
+    for cfg in under:
+        key = rows.source(cfg)
+        smallest[key] = min([smallest.get(key, math.inf)] + [rows(cfg, t) for t in cfg.data.tasks])
+    out = []
+    for cfg, combo in entries:
+        if cfg.data.epoch_mode != "min_size":
+            out.append((cfg, combo))
+            continue
+        if mode == "study":
+            pinned = cfg.data.examples_per_task or smallest[rows.source(cfg)]
+            for t in cfg.data.tasks:
+                if rows(cfg, t) < pinned:
+                    raise ConfigError(f"data.examples_per_task: {pinned} examples per epoch, but task {t} has "
+                                      f"{rows(cfg, t)} training rows in {cfg.data.data_dir}; min_size cannot draw "
+                                      "more")
+            out.append((cfg.replace(**{"data.examples_per_task": pinned}), combo))
+        elif len(cfg.data.tasks) > 1:
+            out.append((cfg.replace(**{"data.examples_per_task": min(rows(cfg, t) for t in cfg.data.tasks)}), combo))
+        else:
+            task = cfg.data.tasks[0]
+            sizes = sorted({min(rows(other, t) for t in other.data.tasks) for other in under
+                            if len(other.data.tasks) > 1 and task in other.data.tasks
+                            and rows.source(other) == rows.source(cfg)}) or [rows(cfg, task)]
+            out += [(cfg.replace(**{"data.examples_per_task": n}), {**combo, "data.examples_per_task": n})
+                    for n in sizes]
+    return out
+
+
+class _TrainRows:
+    """Training rows per (data source, task), read once each."""
+
+    def __init__(self):
+        self.cache: dict[tuple, int] = {}
+
+    @staticmethod
+    def source(cfg: RunConfig) -> tuple:
+        d = cfg.data
+        return (d.data_dir, d.on_bad_row, d.max_train_rows)
+
+    def __call__(self, cfg: RunConfig, task: str) -> int:
+        key = (*self.source(cfg), task)
+        if key not in self.cache:
+            from mtl.data import read_split      # torch: only for studies that undersample
+            from mtl.tasks import TASKS
+
+            d = cfg.data
+            self.cache[key] = len(read_split(d.data_dir, TASKS[task], "train", d.on_bad_row, d.max_train_rows))
+        return self.cache[key]
 
 
 def _digest(combo: dict) -> str:
@@ -175,17 +301,31 @@ def dotted_key(key: str, where: str = "") -> str:
 
 def check_storage(trials: list[RunConfig]) -> None:
     """Refuse a storage whose trial folders hold other settings under the same names (a study
-    rerun with another --lr, say): their results would be reported as this study's."""
+    rerun with another --lr, say), or results of data files that changed since: their results
+    would be reported as this study's."""
+    digests: dict[str, str] = {}          # each data file read once, however many trials read it
     for t in trials:
-        if is_finished(t):
-            changed = RunConfig.from_dict(read_results(t)["config"]).identity_changes(t)
+        res = read_results(t)
+        if res is None:
+            continue
+        changed = RunConfig.from_dict(res["config"]).identity_changes(t)
+        if changed:
+            raise ConfigError(f"{t.out} holds a trial with other settings ({changed}): rerun the study with "
+                              f"its own settings, or use another --storage")
+        if res.get("data"):
+            from mtl.data import data_changes, file_digests
+            from mtl.tasks import TASKS
+
+            now = file_digests(t.data.data_dir, [TASKS[x] for x in t.data.tasks], cache=digests)
+            changed = data_changes(res["data"], now, t.data.data_dir)
             if changed:
-                raise ConfigError(f"{t.out} holds a trial with other settings ({changed}): rerun the study with "
-                                  f"its own settings, or use another --storage")
+                raise ConfigError(f"{t.out} holds results of other data: {changed}; rerun the study on its own data, "
+                                  "or use another --storage")
 
 
-# Axes the name already shows (tasks, method, alpha, seed) or leaves out (workers).
-SHORT = {"parallel.workers", "data.tasks", "combiner.combiner", "seed", "combiner.alpha", "combiner.weights"}
+# Axes the name already shows (tasks, method, alpha, seed, a baseline's size) or leaves out (workers).
+SHORT = {"parallel.workers", "data.tasks", "combiner.combiner", "seed", "combiner.alpha", "combiner.weights",
+         "data.examples_per_task"}
 
 
 def _compose_name(cfg: RunConfig, varied: dict) -> str:
@@ -196,6 +336,8 @@ def _compose_name(cfg: RunConfig, varied: dict) -> str:
     for key, value in sorted(varied.items()):
         if key not in SHORT:
             parts.append(f"{key.rsplit('.', 1)[-1]}{value}")
+    if "data.examples_per_task" in varied:
+        parts.append(f"n{varied['data.examples_per_task']}")
     parts.append(f"s{cfg.seed}")
     return "-".join(str(p).replace("/", "_").replace(" ", "") for p in parts)
 
@@ -210,12 +352,14 @@ def trial_name(cfg: RunConfig) -> str:
 # --------------------------------------------------------------------------------------------
 def is_finished(cfg: RunConfig) -> bool:
     """Whether the trial ran to an end, done or failed (a diverged trial fails the same way
-    again: delete its results.json to try it anyway).  Launchers never run it again."""
-    return storage.exists(storage.join(cfg.out, RESULTS))
+    again: delete its results.json to try it anyway).  Launchers never run it again.  An
+    unreadable results.json is not an end: it is said (once) and the trial runs again."""
+    return read_results(cfg) is not None
 
 
-def read_results(cfg: RunConfig) -> dict:
-    return json.loads(storage.read_text(storage.join(cfg.out, RESULTS)))
+def read_results(cfg: RunConfig) -> dict | None:
+    """The trial's results (mtl.results), None when it has none or they are unreadable."""
+    return trial_results.read_or_none(cfg.out)
 
 
 def results_table(trials: list[RunConfig], failures: dict[str, str] | None = None) -> list[dict]:
@@ -230,13 +374,14 @@ def results_table(trials: list[RunConfig], failures: dict[str, str] | None = Non
         name = trial_name(cfg)
         row = {"trial": name, "status": "missing"}
         row.update({k: _cell(flat[k]) for k in varied})
-        res = read_results(cfg) if is_finished(cfg) else None
+        res = read_results(cfg)
         if res is not None and res.get("status", "done") == "failed":
             row.update(status="failed", error=res["error"])
         elif res is not None:
             row.update(status="done", best_epoch=res["best"].get("epoch"), steps=res["steps"],
                        wall_time_s=round(res["wall_time_s"], 2), train_time_s=round(res["train_time_s"], 2),
                        examples_per_s=round(res["examples_per_s"], 2), world_size=res["world_size"],
+                       **{f"examples_per_epoch/{k}": v for k, v in (res.get("examples_per_epoch") or {}).items()},
                        **{f"dev/{k}": v for k, v in res["best"].get("metrics", {}).items()})
         elif name in failures:
             row.update(status="failed", error=failures[name])

@@ -24,7 +24,7 @@ from mtl.config import RunConfig
 from mtl.errors import ConfigError, MtlError
 
 from cluster.placement import Placement, add_placement_flags, placement_from_args
-from cluster.study import (NAMED, absolute, check_storage, expand, parse_seeds, slot_count,
+from cluster.study import (NAMED, SIZE_CONTROLS, absolute, check_storage, expand, parse_seeds, slot_count,
                            write_tensorboard_experiment)
 
 BACKENDS = ("ray", "slurm", "submitit")
@@ -35,9 +35,15 @@ def add_study_flags(p: argparse.ArgumentParser, grid_required: bool = True) -> N
     """The study's own arguments: shared by every launcher and by the SLURM array task."""
     p.add_argument("--grid", required=grid_required,
                    help=f"a named grid ({', '.join(sorted(NAMED))}) or a YAML grid file")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds crossed with the grid (default: 0)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds crossed with the grid (default: 0; a grid "
+                                                  "with its own seed axis takes no --seeds)")
     p.add_argument("--storage", default="runs/sweep", help="folder or fsspec URL for every trial's run folder "
                                                            "and the results table (default: runs/sweep)")
+    p.add_argument("--size-control", choices=SIZE_CONTROLS, default="study",
+                   help="trials that undersample (--epoch-mode min_size) see per epoch as many examples of each "
+                        "task as: the study's smallest training set ('study', default: every change against a "
+                        "baseline compares equal amounts of data), their own smallest task with one baseline per "
+                        "pairing size ('pairing'), or their own smallest task, baselines their whole set ('none')")
     add_config_flags(p)
 
 
@@ -47,7 +53,7 @@ def trials_from_args(args: argparse.Namespace) -> tuple[list[RunConfig], str]:
         raise ConfigError("--grid: a grid is needed (a named one or a YAML file)")
     root = absolute(args.storage)
     grid = args.grid if args.grid in NAMED else absolute(args.grid)
-    return expand(grid, config_from_args(args), root, parse_seeds(args.seeds)), root
+    return expand(grid, config_from_args(args), root, parse_seeds(args.seeds), args.size_control), root
 
 
 def build_parser(backend: str | None) -> argparse.ArgumentParser:
@@ -127,8 +133,10 @@ def main(argv: list[str] | None = None, backend: str | None = None) -> int:
         return 0
     if args.dry_run:
         for t in trials:
-            p = t.parallel
-            print(f"{t.out}\tworkers={p.workers} strategy={p.strategy}")
+            p, d = t.parallel, t.data
+            size = f" examples/task/epoch={d.examples_per_task}" if d.epoch_mode == "min_size" and d.examples_per_task \
+                else ""
+            print(f"{t.out}\tworkers={p.workers} strategy={p.strategy}{size}")
         print(f"{len(trials)} trials")
         return 0
     try:

@@ -40,20 +40,21 @@ def test_yaml_grid_crosses_axes_and_does_not_repeat_alpha_for_other_methods(tmp_
 def test_local_paths_become_absolute_and_urls_stay(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     base = RunConfig().replace(**{"data.data_dir": "data", "data.cache_dir": "s3://b/cache"})
-    (t,) = expand("weighting", base, "runs/w", seeds=[0])[:1]
+    (t,) = expand("weighting", base, "runs/w", seeds=[0], size_control="none")[:1]
     assert t.out == str(tmp_path / "runs" / "w" / "sst+para+sts-sum-s0")
     assert t.data.data_dir == str(tmp_path / "data") and t.data.cache_dir == "s3://b/cache"
     # By default every trial of a study shares one token cache at its root.
     shared = {u.data.cache_dir for u in expand("weighting", RunConfig(), "runs/w", seeds=[0, 1])}
     assert shared == {str(tmp_path / "runs" / "w" / "token_cache")}
     assert t.model.model == "embedded:all-MiniLM-L6-v2"
-    assert expand("weighting", base, "memory://w", seeds=[0])[0].out == "memory://w/sst+para+sts-sum-s0"
+    assert expand("weighting", base, "memory://w", seeds=[0], size_control="none")[0].out == \
+        "memory://w/sst+para+sts-sum-s0"
 
 
 def test_bad_grids_are_clear(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("axes:\n  tasks: [sst, nli]\n")
-    with pytest.raises(ConfigError, match="data.tasks: unknown task 'nli'"):
+    with pytest.raises(ConfigError, match="bad.yaml: axes.data.tasks: unknown task 'nli'"):
         expand(str(bad), RunConfig(), "runs/x", seeds=[0])
     bad.write_text("axis:\n  tasks: [sst]\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'axis'"):
@@ -86,12 +87,13 @@ def test_results_table_has_one_row_per_trial_from_its_own_results(tmp_path):
     for t in trials[:3]:
         (tmp_path / t.out.rsplit("/", 1)[-1]).mkdir()
         (tmp_path / t.out.rsplit("/", 1)[-1] / "results.json").write_text(json.dumps({
-            "best": {"epoch": 1, "metrics": {"mean": 0.5}}, "steps": 4, "wall_time_s": 2.0,
-            "train_time_s": 1.0, "examples_per_s": 3.0, "world_size": 1}))
+            "best": {"epoch": 1, "metrics": {"mean": 0.5}}, "steps": 4, "wall_time_s": 2.0, "config": t.to_dict(),
+            "train_time_s": 1.0, "examples_per_s": 3.0, "world_size": 1, "examples_per_epoch": {"sst": 400}}))
     assert [is_finished(t) for t in trials] == [True, True, True, False, False, False]
     rows = results_table(trials)
     assert [r["status"] for r in rows] == ["done", "done", "done", "missing", "missing", "missing"]
     assert rows[0]["data.tasks"] == "sst" and rows[5]["parallel.workers"] == 2 and rows[0]["dev/mean"] == 0.5
+    assert rows[0]["examples_per_epoch/sst"] == 400
     assert "out" not in rows[0] and "progress" not in rows[0]        # where and how it logs: not what it computes
     write_table(str(tmp_path), rows)
     assert (tmp_path / "results.csv").read_text().splitlines()[0].startswith("trial,status,")
@@ -166,7 +168,7 @@ def test_names_that_the_rule_cannot_tell_apart_all_get_a_suffix_from_what_varies
     names = sorted(trial_name(t) for t in expand(str(grid), RunConfig(), "/s", seeds=[0]))
     assert len(names) == 2 and all(n.startswith("sst+para-pcgrad-s0-") for n in names)
     again = sorted(trial_name(t) for t in expand(str(grid), RunConfig().replace(**{"data.data_dir": "/elsewhere"}),
-                                                  "/other", seeds=[0]))
+                                                  "/other", seeds=[0], size_control="none"))
     assert again == names          # the suffix comes from the grid, not from where the study runs
 
 
@@ -176,11 +178,12 @@ def test_a_storage_holding_other_settings_is_refused(tmp_path):
     trials = expand("smoke", RunConfig(), str(tmp_path), seeds=[0])
     old = trials[0].replace(**{"optim.lr": 3e-5})
     (tmp_path / "sst-sum-s0").mkdir()
-    (tmp_path / "sst-sum-s0" / "results.json").write_text(json.dumps({"status": "done", "config": old.to_dict()}))
+    done = {"status": "done", "best": {}, "steps": 1, "wall_time_s": 1.0, "train_time_s": 1.0, "examples_per_s": 1.0,
+            "world_size": 1}
+    (tmp_path / "sst-sum-s0" / "results.json").write_text(json.dumps({**done, "config": old.to_dict()}))
     with pytest.raises(ConfigError, match=r"sst-sum-s0 holds a trial with other settings \(optim.lr 3e-05 -> 1e-05\)"):
         check_storage(trials)
-    (tmp_path / "sst-sum-s0" / "results.json").write_text(json.dumps({"status": "done",
-                                                                      "config": trials[0].to_dict()}))
+    (tmp_path / "sst-sum-s0" / "results.json").write_text(json.dumps({**done, "config": trials[0].to_dict()}))
     check_storage(trials)
 
 
