@@ -7,12 +7,21 @@ trial already checkpoints itself to the shared storage as it trains and resumes 
 checkpoint when it starts again, so nothing is pickled but its config.  Saving inside the hook
 would run on rank 0 alone, in the middle of a step, and deadlock ZeRO 3's collective gather.
 Work since the last checkpoint is redone (``--save-every-steps`` bounds it).
+
+Executors (``--cluster``, default slurm where sbatch is on PATH, else local): ``slurm`` (states from
+one sacct call per poll), ``local`` (each job is a controller subprocess of this launcher running one
+task per worker; its state is its process's), ``debug`` (each job runs in this process, one after
+the other, while the launcher waits; one worker only).  A job that ends without a result (cancelled,
+killed) is a failed row within seconds, its error otherwise the job's own exception.
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
+import re
+import shutil
+import signal
 import time
 from collections import Counter
 
@@ -22,7 +31,7 @@ from submitit.local.debug import DebugJob
 from mtl import storage
 from mtl.config import RunConfig
 from mtl.dist import DistContext
-from mtl.errors import MtlError
+from mtl.errors import ConfigError
 from mtl.lease import Lease
 
 from cluster.placement import Placement, time_minutes
@@ -31,9 +40,13 @@ from cluster.trial import run_trial
 
 log = logging.getLogger("cluster.submitit_sweep")
 DEFAULT_TIME_MIN = 240
-# Ended states: SLURM's (sacct) and the local executor's (a finished or killed process).
-ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
-         "FINISHED", "INTERRUPTED", "NO"}
+CLUSTERS = ("slurm", "local", "debug")
+# SLURM's ended states (sacct).  A local job has ended when its process has exited.
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
+# How long a SLURM job that ended without a result file is given for the file to appear (a shared
+# filesystem may show it a moment after the scheduler reports the job ended).  A local job's task
+# writes its result before it exits, on this host: no wait.
+GRACE_S = 3.0
 
 
 class TrialJob(submitit.helpers.Checkpointable):
@@ -56,9 +69,16 @@ class TrialJob(submitit.helpers.Checkpointable):
 
 def run_submitit(trials: list[RunConfig], root: str, placement: Placement, cluster: str | None = None,
                  wait: bool = True, poll_s: float = 2.0) -> list[dict] | None:
+    cluster = which_cluster(cluster)
+    if cluster == "debug" and not wait:
+        raise ConfigError("--no-wait: the debug executor runs the trials in this process while it waits "
+                          "(use --cluster local or slurm to submit and return)")
     storage.ensure_writable(root)
     todo = [t for t in trials if not is_finished(t)]
-    print(f"{len(trials)} trials: {len(trials) - len(todo)} finished, {len(todo)} to submit", flush=True)
+    if cluster == "debug":
+        check_in_process(todo)
+    print(f"{len(trials)} trials: {len(trials) - len(todo)} finished, {len(todo)} to submit "
+          f"(submitit, {cluster} executor)", flush=True)
     if not wait:
         if todo:
             submit(todo, root, placement, cluster)
@@ -72,6 +92,23 @@ def run_submitit(trials: list[RunConfig], root: str, placement: Placement, clust
     return rows
 
 
+def check_in_process(trials: list[RunConfig]) -> None:
+    """The debug executor runs each job in this one process: a trial of several workers cannot."""
+    many = next((t for t in trials if t.parallel.workers > 1), None)
+    if many is not None:
+        raise ConfigError(f"trial {trial_name(many)} has {many.parallel.workers} workers: the debug executor runs "
+                          f"one process (use --cluster local or slurm)")
+
+
+def which_cluster(cluster: str | None) -> str:
+    """The executor asked for, else slurm where sbatch is on PATH, else local."""
+    if cluster is None:
+        return "slurm" if shutil.which("sbatch") else "local"
+    if cluster not in CLUSTERS:
+        raise ConfigError(f"--cluster: {cluster!r} is not one of {', '.join(CLUSTERS)}")
+    return cluster
+
+
 def folder(root: str) -> str:
     """submitit's pickles and logs: a folder every node sees (the storage when it is local)."""
     base = storage.join(root, "submitit") if storage.is_local(root) else os.path.abspath("submitit")
@@ -79,16 +116,14 @@ def folder(root: str) -> str:
 
 
 def submit(trials: list[RunConfig], root: str, placement: Placement, cluster: str | None) -> list:
-    executor = submitit.AutoExecutor(folder=folder(root), cluster=cluster)
+    executor = submitit.AutoExecutor(folder=folder(root), cluster=which_cluster(cluster))
     on_slurm = executor.cluster == "slurm"
     by_workers: dict[int, list[RunConfig]] = {}
     for t in trials:
         by_workers.setdefault(t.parallel.workers, []).append(t)
-    if executor.cluster == "debug" and max(by_workers) > 1:
-        many = next(t for t in trials if t.parallel.workers > 1)
-        raise MtlError(f"trial {trial_name(many)} has {many.parallel.workers} workers: the debug executor runs one "
-                       f"process (use --cluster local or slurm)")
-    if any(t.save_every_steps == 0 for t in trials):
+    if executor.cluster == "debug":
+        check_in_process(trials)
+    if executor.cluster != "debug" and any(t.save_every_steps == 0 for t in trials):
         log.warning("checkpoints only at epoch ends (--save-every-steps 0): a job preempted or timed out "
                     "mid-epoch redoes that epoch when it is requeued")
     jobs = []
@@ -117,23 +152,31 @@ def submit(trials: list[RunConfig], root: str, placement: Placement, cluster: st
 
 def follow(jobs: list, poll_s: float = 2.0) -> dict[str, str]:
     """Wait until every job has ended, with a progress line when the counts change; returns why
-    each failed one failed.  A job SLURM reports ended without a result (cancelled, timed out,
-    killed) is failed at once, instead of after submitit's fixed wait for a result file."""
+    each failed one failed.  A job that ended without a result (cancelled, timed out or killed on
+    SLURM; a local job's process killed) is failed within seconds, instead of after submitit's
+    fixed wait for a result file.  Debug jobs run here, one after the other."""
+    if jobs and isinstance(jobs[0], DebugJob):
+        return _follow_in_process(jobs)
     started, last, failures, pending = time.monotonic(), None, {}, list(jobs)
+    lost_since: dict[str, float] = {}
     while pending:
-        watcher = getattr(pending[0], "watcher", None)
-        if hasattr(watcher, "update"):
-            watcher.update()               # one sacct for all jobs, not submitit's growing back-off
-        still = []
+        if isinstance(pending[0], submitit.SlurmJob):
+            # One sacct for all jobs, not submitit's growing back-off.  Only SLURM's watcher asks
+            # anything: local jobs are this process's children (their state is a poll of the
+            # process); the base watcher they share would raise NotImplementedError.
+            pending[0].watcher.update()
+        still, now = [], time.monotonic()
         for job in pending:
-            ended, failure = _outcome(job)
-            if failure:
-                failures[job.trial] = failure
-            if not ended:
+            outcome, why = _outcome(job)
+            if (outcome == "lost" and not isinstance(job, submitit.LocalJob)
+                    and now - lost_since.setdefault(job.job_id, now) < GRACE_S):
+                outcome = "running"   # a result written as the job ended may land a moment later
+            if outcome == "running":
                 still.append(job)
+            elif why:
+                failures[job.trial] = why
         pending = still
-        counts = Counter(_state(j) for j in pending)
-        line = f"{len(jobs) - len(pending)}/{len(jobs)} jobs ended" + "".join(f", {n} {s}" for s, n in counts.items())
+        line = _progress(len(jobs) - len(pending), len(jobs), Counter(_state(j) for j in pending))
         if line != last:
             print(f"[{time.monotonic() - started:6.0f} s] {line}", flush=True)
             last = line
@@ -142,18 +185,81 @@ def follow(jobs: list, poll_s: float = 2.0) -> dict[str, str]:
     return failures
 
 
-def _outcome(job) -> tuple[bool, str | None]:
-    """(ended, why it failed or None)."""
-    if isinstance(job, DebugJob) or job.paths.result_pickle.exists():
-        try:
-            job.result()          # a debug job runs here, in this process
-            return True, None
-        except Exception as exc:  # noqa: BLE001 - the job's own error, as text
-            return True, _last_line(exc)
-    state = _state(job)
-    if state in ENDED:
-        return True, f"{state} without a result (log {job.paths.stderr})"
-    return False, None
+def _follow_in_process(jobs: list) -> dict[str, str]:
+    started, failures = time.monotonic(), {}
+    for i, job in enumerate(jobs):
+        queued = len(jobs) - i - 1
+        counts = Counter({"RUNNING (in this process)": 1, **({"QUEUED": queued} if queued else {})})
+        print(f"[{time.monotonic() - started:6.0f} s] {_progress(i, len(jobs), counts)}", flush=True)
+        why = _run_in_process(job)
+        if why:
+            failures[job.trial] = why
+    print(f"[{time.monotonic() - started:6.0f} s] {_progress(len(jobs), len(jobs), Counter())}", flush=True)
+    return failures
+
+
+def _progress(ended: int, total: int, counts: Counter) -> str:
+    return f"{ended}/{total} jobs ended" + "".join(f", {n} {s}" for s, n in counts.items())
+
+
+def _run_in_process(job: DebugJob) -> str | None:
+    """Run a debug job here and return why it failed, or None.  As ``DebugJob.results()`` does
+    (the job's environment, its log files), but an error is returned, not handed to
+    ``pdb.post_mortem``, which would wait on a terminal for a debugger's commands."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(job.environ)          # SUBMITIT_DEBUG_JOB_ID: JobEnvironment() works in the job
+    job.paths.stdout.parent.mkdir(parents=True, exist_ok=True)
+    handlers = [logging.FileHandler(job.paths.stdout), logging.FileHandler(job.paths.stderr)]
+    handlers[1].setLevel(logging.WARNING)
+    root = logging.getLogger()
+    for h in handlers:
+        root.addHandler(h)
+    try:
+        job.submission().result()
+        return None
+    except Exception as exc:  # noqa: BLE001 - the trial's own error, as its row's reason
+        return _last_line(exc)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        for h in handlers:
+            root.removeHandler(h)
+            h.close()
+
+
+def _outcome(job) -> tuple[str, str | None]:
+    """("done" | "error" | "lost" | "running", why it failed).  A job's result is the pickle each
+    of its tasks writes when it returns or raises; "lost": it ended without one."""
+    tasks = [job.task(k) for k in range(job.num_tasks)]
+    have = [t.paths.result_pickle.exists() for t in tasks]
+    ended = _ended(job)
+    if not (all(have) or ended):
+        return "running", None
+    for task, present in zip(tasks, have):
+        if present:
+            try:
+                task.result()
+            except Exception as exc:  # noqa: BLE001 - the job's own error, as text
+                return "error", _last_line(exc)
+    if all(have):
+        return "done", None
+    return "lost", _lost_reason(job)
+
+
+def _ended(job) -> bool:
+    if isinstance(job, submitit.LocalJob):
+        return job.get_info()["jobState"] != "RUNNING"      # its process has exited
+    return _state(job) in ENDED
+
+
+def _lost_reason(job) -> str:
+    if isinstance(job, submitit.LocalJob):
+        code = job._process.poll() if job._process is not None else None
+        how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 and
+               -code in signal.valid_signals() else "its process was killed or exited early")
+        return f"local job {job.job_id} ended without a result ({how}; log {job.paths.stderr})"
+    return f"{_state(job)} without a result (log {job.paths.stderr})"
 
 
 def _state(job) -> str:
@@ -162,5 +268,14 @@ def _state(job) -> str:
 
 
 def _last_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return (lines[-1] if lines else type(exc).__name__)[:300]
+    """The error's last line: for a job's FailedJobError, the last line of the job's own
+    traceback (its exception), not submitit's pointer to the log files."""
+    text = str(exc)
+    inner = re.search(r"\n-{10,}\n(.*)\n-{10,}\n", text, re.S)
+    lines = [line.strip() for line in (inner.group(1) if inner else text).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    last = lines[-1]
+    if inner:    # "mtl.errors.TrialFailed: step 2: ..." -> "TrialFailed: step 2: ..."
+        last = re.sub(r"^(?:[A-Za-z_]\w*\.)+([A-Za-z_]\w*: )", r"\1", last)
+    return last[:300]
