@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Callable
 
@@ -93,7 +94,9 @@ def run_cli(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(json.dumps(cfg.to_dict(), indent=2))
             return 0
-        print_summary(cfg, train(cfg, stop=StopSignal().install()))
+        results = train(cfg, stop=StopSignal().install())
+        if os.environ.get("RANK", "0") == "0":      # under torchrun, one summary, not one per rank
+            print_summary(cfg, results)
         return 0
     return guarded(work)
 
