@@ -2,6 +2,7 @@
 command line as a user would, with what must happen and what did.  Run by CI.
 
     .venv/bin/python tools/fault_matrix.py             # prints the table; exit 1 if a row fails
+    .venv/bin/python tools/fault_matrix.py --only quote  # the rows whose name holds a word (while fixing one)
 
 Trials use a tiny random BERT (2 layers, width 32, the embedded MiniLM's tokenizer) on the
 shipped sample, so each run takes seconds on a CPU.
@@ -36,8 +37,8 @@ def tiny_model(folder: Path) -> str:
 
 
 class Matrix:
-    def __init__(self, work: Path, model: str):
-        self.work, self.model, self.rows = work, model, []
+    def __init__(self, work: Path, model: str, only: str = ""):
+        self.work, self.model, self.rows, self.only = work, model, [], only
 
     def args(self, out, *extra) -> list[str]:
         return [sys.executable, "-m", "mtl.train", "--model", self.model, "--max-length", "32", "--max-train-rows", "16",
@@ -53,6 +54,8 @@ class Matrix:
 
     def case(self, name: str, expected: str):
         def wrap(fn):
+            if self.only and not any(word in name for word in self.only.split(",")):
+                return fn
             try:
                 got, ok = fn(self.work / name.replace(" ", "-").replace("/", "-"))
             except Exception as exc:  # noqa: BLE001 - a case that crashes is a failed row
@@ -195,12 +198,12 @@ def build(m: Matrix) -> None:
         args = ["--epochs", "2", "--keep-final-state", "true"]
         m.run(out, *args)
         (out / "results.json").unlink()
-        (out / "best" / "meta.json.tmp-0badc0de").write_bytes(b"half")
+        (out / "best" / "meta.json.mtl-partial-0badc0de").write_bytes(b"half")
         (out / "checkpoints" / "step-00000099").mkdir()
         done = m.run(out, *args)
         left = [p.name for p in (out / "best").iterdir()] + [p.name for p in (out / "checkpoints").iterdir()]
         return f"exit {done.returncode}; left {sorted(left)}", done.returncode == 0 and \
-            "meta.json.tmp-0badc0de" not in left and "step-00000099" not in left
+            "meta.json.mtl-partial-0badc0de" not in left and "step-00000099" not in left
 
     @m.case("malformed data row", "exit 2 naming file, line and reason; nothing written")
     def _(out):
@@ -220,11 +223,236 @@ def build(m: Matrix) -> None:
         return one_line(done), clean_error(done, f"{grid}:3:", "not valid YAML")
 
 
-def main() -> int:
+SAMPLE = ROOT / "mtl" / "sample_data"
+
+
+def data_copy(folder: Path) -> Path:
+    shutil.copytree(SAMPLE, folder)
+    return folder
+
+
+def launcher(*args, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=timeout)
+
+
+def evaluate(*args) -> subprocess.CompletedProcess:
+    return launcher("-m", "mtl.evaluate", *args)
+
+
+def build_issue15(m: Matrix) -> None:
+    """Issue 15's bad cases, found by a probe run as a new user would."""
+    @m.case("stray quote in a training file (Quora row 3)", "refused naming file and line; with skip, that row alone")
+    def _(out):
+        data = data_copy(out.with_name(out.name + "-data"))
+        lines = (data / "quora-train.csv").read_text().splitlines(keepends=True)
+        first, rest = lines[3].split("\t", 2)[:2], lines[3].split("\t", 2)[2]
+        lines[3] = "\t".join(first) + '\t"' + rest                # row 3: a quote that never closes
+        (data / "quora-train.csv").write_text("".join(lines))
+        refused = m.run(out, "--data-dir", str(data), "--tasks", "para", "--max-train-rows", "0")
+        skipped = m.run(out, "--data-dir", str(data), "--tasks", "para", "--max-train-rows", "0", "--on-bad-row", "skip")
+        res = results(out) if skipped.returncode == 0 else {}
+        ok = clean_error(refused, "quora-train.csv:4: unbalanced quote") and skipped.returncode == 0 and \
+            res["skipped_rows"]["para"] == 1 and res["train_rows"]["para"] == 399
+        return (f"{one_line(refused)[:70]}...; skip: exit {skipped.returncode}, skipped {res.get('skipped_rows')}, "
+                f"{res.get('train_rows')} rows"), ok
+
+    @m.case("data changed between a stop and the resume", "refused before any write, naming the changed file")
+    def _(out):
+        data = data_copy(out.with_name(out.name + "-data"))
+        args = ["--data-dir", str(data), "--keep-final-state", "true"]
+        m.run(out, *args)
+        (out / "results.json").unlink()                         # stopped before its end
+        lines = (data / "sst-train.csv").read_text().splitlines(keepends=True)
+        (data / "sst-train.csv").write_text("".join(lines[:1] + lines[1:][::-1]))   # same path, other rows
+        before = tree(out)
+        done = m.run(out, *args)
+        return one_line(done), clean_error(done, "started on other data", "sst-train.csv changed") and \
+            tree(out) == before
+
+    @m.case("UTF-8 byte-order mark before a dev file's header", "ignored: evaluate writes the file's own ids")
+    def _(out):
+        data = data_copy(out.with_name(out.name + "-data"))
+        dev = data / "sst-dev.csv"
+        dev.write_bytes(b"\xef\xbb\xbf" + dev.read_bytes())
+        ids = [line.split("\t")[1] for line in dev.read_text(encoding="utf-8-sig").splitlines()[1:]]
+        trained = m.run(out, "--data-dir", str(data))
+        done = evaluate(str(out), "--split", "dev", "--data-dir", str(data), "--out", str(out / "pred"))
+        written = [line.split(" , ")[0] for line in (out / "pred" / "sst-dev-output.csv").read_text().splitlines()[1:]] \
+            if done.returncode == 0 else []
+        return (f"train exit {trained.returncode}, evaluate exit {done.returncode}; ids {written[:2]}... "
+                f"{len(written)}, all the file's"), done.returncode == 0 and len(written) == 8 and set(written) <= set(ids)
+
+    @m.case("--workers 2 without torchrun", "refused, naming how to run two workers")
+    def _(out):
+        done = m.run(out, "--workers", "2")
+        return one_line(done), clean_error(done, "parallel.workers: 2 asked for", "torchrun --nproc-per-node 2") and \
+            not out.exists()
+
+    @m.case("the user's *.tmp-<hex> files under --out", "kept: start-up clean-up removes only its own partial writes")
+    def _(out):
+        m.run(out, "--keep-final-state", "true")
+        (out / "results.json").unlink()
+        mine = [out / "notes.tmp-0badc0de", out / "best" / "draft.tmp-12345678", out / "own" / "x.mtl-partial-0badc0de"]
+        for path in mine:
+            path.parent.mkdir(exist_ok=True)
+            path.write_text("the user's")
+        ours = out / "checkpoints" / "latest.json.mtl-partial-0badc0de"
+        ours.write_text("half")
+        done = m.run(out, "--keep-final-state", "true")
+        kept = [p.exists() for p in mine]
+        return f"exit {done.returncode}; user's files kept {kept}; own partial removed {not ours.exists()}", \
+            done.returncode == 0 and all(kept) and not ours.exists()
+
+    @m.case("--select-metric sst/f1 (no such metric)", "refused before training, listing the task's metrics")
+    def _(out):
+        done = m.run(out, "--select-metric", "sst/f1")
+        return one_line(done), clean_error(done, "'sst/f1' is not a metric of sst", "sst/acc, sst/f1_macro") and \
+            not out.exists()
+
+    @m.case("truncated, [] or {status: done} results.json", "report names each, reports the rest; submit reruns it")
+    def _(out):
+        m.run(out / "sst-sum-s0", "--tasks", "sst")
+        m.run(out / "para-sum-s0", "--tasks", "para")
+        for name, text in (("sts-sum-s0", '{"status": "done", "be'), ("para+sts-sum-s0", "[]"),
+                           ("sst+para-sum-s0", '{"status": "done"}')):
+            (out / name).mkdir()
+            (out / name / "results.json").write_text(text)
+        report = launcher(str(ROOT / "launch" / "report.py"), str(out))
+        text = (out / "report" / "report.md").read_text() if report.returncode == 0 else ""
+        named = all(n in text for n in ("sts-sum-s0", "para+sts-sum-s0", "sst+para-sum-s0")) and "unreadable" in text
+        fresh = out.with_name(out.name + "-study")           # the smoke grid's names, with the broken files only
+        for name in ("sts-sum-s0", "para+sts-sum-s0", "sst+para-sum-s0"):
+            shutil.copytree(out / name, fresh / name)
+        count = launcher(str(ROOT / "launch" / "submit.py"), "--grid", "smoke", "--storage", str(fresh), "--count")
+        said = sum("not counted as finished" in line for line in count.stderr.splitlines())
+        return (f"report exit {report.returncode}, broken ones named {named}; submit --count exit "
+                f"{count.returncode} '{count.stdout.strip()}', said {said} times"), \
+            report.returncode == 0 and named and "2 done" in text and "**sst-sum-s0**" in text and \
+            count.returncode == 0 and count.stdout.strip() == "6" and said == 3
+
+    @m.case("truncated best/heads.safetensors, meta.json, encoder", "evaluate: one line naming the file, each")
+    def _(out):
+        m.run(out)
+        got, ok = [], True
+        for part in ("heads.safetensors", "meta.json", "encoder/model.safetensors"):
+            path = out / "best" / part
+            whole = path.read_bytes()
+            path.write_bytes(whole[: len(whole) // 2])
+            done = evaluate(str(out), "--split", "dev")
+            path.write_bytes(whole)
+            ok = ok and clean_error(done, str(path) if part != "encoder/model.safetensors" else str(path.parent))
+            got.append(one_line(done)[:60])
+        return "; ".join(got), ok
+
+    @m.case("grid YAML: axes a list, fixed a number, an integer key, alpha 1.5", "one line naming the file and key, each")
+    def _(out):
+        out.mkdir()
+        got, ok = [], True
+        for text, needle in (("axes: [1, 2]\n", "axes must be a mapping"), ("fixed: 5\n", "fixed must be a mapping"),
+                             ("axes:\n  1: [2]\n", "axes.1: a setting's name is text"),
+                             ("axes:\n  tasks: ['sst,para']\n  combiner: [scalarize]\n  alpha: [0.5, 1.5]\n",
+                              "axes.combiner.alpha: 1.5 is outside [0, 1]")):
+            grid = out / "grid.yaml"
+            grid.write_text(text)
+            done = launcher(str(ROOT / "launch" / "submit.py"), "--grid", str(grid), "--dry-run")
+            ok = ok and clean_error(done, f"{grid}: ", needle)
+            got.append(one_line(done).split("grid.yaml: ")[-1][:34])
+        return "; ".join(got), ok
+
+    @m.case("Ctrl-C during training, and twice", "first: step-boundary checkpoint, exit 75, resumes; second: exit 130")
+    def _(out):
+        long = ["--max-train-rows", "400", "--epochs", "3"]
+        codes = []
+        for presses, extra in ((1, []), (2, ["--epochs", "30", "--batch-size", "25", "--grad-accum", "16"])):
+            target = out if presses == 1 else out.with_name(out.name + "-twice")
+            proc = subprocess.Popen(m.args(target, *long, *extra), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True)
+            deadline = time.time() + 120
+            while not list((target / "tb").glob("events*")) and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.05)
+            time.sleep(1.0)
+            for _ in range(presses):
+                proc.send_signal(signal.SIGINT)
+                time.sleep(0.05)
+            err = proc.communicate(timeout=120)[1]
+            codes.append((proc.returncode, "Traceback" in err))
+        stopped_at = json.loads((out / "checkpoints" / "latest.json").read_text())["step"] \
+            if (out / "checkpoints" / "latest.json").exists() else None
+        resumed = m.run(out, *long)
+        ok = codes == [(75, False), (130, False)] and stopped_at and resumed.returncode == 0 and \
+            results(out)["resumed_from_steps"] == [stopped_at]
+        return f"exit/traceback {codes}; checkpoint at step {stopped_at}; rerun exit {resumed.returncode}", ok
+
+    @m.case("--seed 99999999999999999999 (and in --seeds)", "refused with the valid range")
+    def _(out):
+        one = m.run(out, "--seed", "99999999999999999999")
+        many = launcher(str(ROOT / "launch" / "submit.py"), "--grid", "smoke", "--seeds", "0,99999999999999999999",
+                        "--dry-run", "--storage", str(out))
+        return f"{one_line(one)[:70]}; --seeds {one_line(many)[-40:]}", \
+            clean_error(one, "seed: 99999999999999999999 is outside [0, 4294967295]") and \
+            clean_error(many, "--seeds: 99999999999999999999 is outside")
+
+    @m.case("--eps/--weight-decay/--grad-clip/--dtp-gamma/--lr inf", "refused as not finite, each")
+    def _(out):
+        got, ok = [], True
+        for flags in (["--eps", "inf"], ["--weight-decay", "inf"], ["--grad-clip", "inf"],
+                      ["--combiner", "dtp", "--tasks", "sst,para", "--dtp-gamma", "inf"], ["--lr", "inf"]):
+            done = m.run(out, *flags)
+            ok = ok and clean_error(done, "inf is not a finite number") and not out.exists()
+            got.append(one_line(done).split("error: ")[-1].split(":")[0])
+        return "refused: " + ", ".join(got), ok
+
+    @m.case("--head-hidden 1e8, 300-byte names, --config shapes, unreachable --data-dir",
+            "one line each before anything runs; a partial --config merges")
+    def _(out):
+        got, ok = [], True
+        for flags, needle in ((["--head-hidden", "100000000"], "model.head_hidden: 100000000 is outside"),
+                              (["--config", '{"config": 5}'], "--config: a config is a JSON object"),
+                              (["--data-dir", "https://example.invalid/minbert"], "cannot read (")):
+            done = m.run(out, *flags)
+            ok = ok and clean_error(done, needle) and not out.exists()
+            got.append(one_line(done)[8:40])
+        long = m.run(out.with_name("n" * 300))
+        ok = ok and clean_error(long, "is 300 bytes, over the 255")
+        grid = out.with_name("long-grid.yaml")
+        grid.write_text("axes:\n  tasks: [sst]\n  epoch_mode: [temperature]\n  data_dir: [/d/" + "d" * 250 + "]\n")
+        named = launcher(str(ROOT / "launch" / "submit.py"), "--grid", str(grid), "--dry-run", "--storage", str(out))
+        ok = ok and clean_error(named, "trial name", "over the 255")
+        partial = out.with_name("partial.json")
+        partial.write_text(json.dumps({"optim": {"lr": 0.002}}))
+        merged = subprocess.run(m.args(out, "--config", str(partial), "--tasks", "sst,para", "--print-config"),
+                                capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+        cfg = json.loads(merged.stdout) if merged.returncode == 0 else {}
+        ok = ok and cfg.get("optim", {}).get("lr") == 0.002 and cfg["data"]["tasks"] == ["sst", "para"]
+        return "; ".join(got) + f"; names: {one_line(named)[-30:]}; partial merged {bool(cfg)}", ok
+
+    @m.case("silent precedence: --weights with --alpha, grid seed axis with --seeds, axis on cache_dir",
+            "refused, naming both")
+    def _(out):
+        both = m.run(out, "--combiner", "scalarize", "--tasks", "sst,para", "--weights", "0.4,0.6", "--alpha", "0.3")
+        grid = out.with_name("seed-grid.yaml")
+        grid.write_text("axes:\n  seed: [1, 2]\n")
+        seeds = launcher(str(ROOT / "launch" / "submit.py"), "--grid", str(grid), "--seeds", "0", "--dry-run")
+        grid2 = out.with_name("cache-grid.yaml")
+        grid2.write_text("axes:\n  cache_dir: [a, b]\n")
+        cache = launcher(str(ROOT / "launch" / "submit.py"), "--grid", str(grid2), "--dry-run")
+        ok = clean_error(both, "combiner.weights: given with --alpha 0.3") and \
+            clean_error(seeds, "--seeds:", "sets the seed itself") and \
+            clean_error(cache, "axes.data.cache_dir: not a setting of what a trial computes")
+        return f"{one_line(both)[8:40]}; {one_line(seeds)[8:30]}; {one_line(cache)[-50:]}", ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", default="", help="run only the rows whose name contains one of these comma-separated words")
+    a = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="mtl-fault-matrix-"))
     started = time.perf_counter()
-    m = Matrix(work, tiny_model(work / "tiny-bert"))
+    m = Matrix(work, tiny_model(work / "tiny-bert"), a.only)
     build(m)
+    build_issue15(m)
     width = max(len(r[0]) for r in m.rows)
     print(f"\n{'case':{width}s} | {'expected':62s} | result | got")
     for name, expected, got, ok in m.rows:
