@@ -10,6 +10,11 @@ builds and fits that trial's TorchTrainer (Ray Train V2's pattern).
   (its varied settings and best dev metrics), read from the trials' own results files, so a
   trial is counted exactly once however often the sweep ran.  ``_ray/timings/<trial>.json``
   records when the trial's driver started and ended (launch/bench_sweep.py reads it).
+- TensorBoard: each trial's own ``<trial>/tb`` run is the only one.  Ray Tune's automatic
+  TensorBoard logger is off (``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1``, with Tune's JSON and CSV
+  loggers passed explicitly, which its result grid reads): it wrote a second copy of every trial
+  under ``_ray/sweep/<trial>/`` whose hparams (one column, ``trial``) replaced the study's in the
+  HParams dashboard.  Copies left by earlier launches are removed at the start of a launch.
 - Fractional GPUs (``--gpus-per-worker 0.25``) pack trials onto a GPU: the budgets admit as many
   as fit (four 1-worker trials per GPU), and a packing whose estimated memory exceeds the GPU's is
   refused before Ray starts (cluster/memory.py).
@@ -20,6 +25,7 @@ lets a CPU machine exercise GPU admission; the trials must run with ``--device c
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -141,6 +147,36 @@ def _driver(config: dict, trials: dict, placement: Placement, storage_root: str)
                  "steps": results["steps"]})
 
 
+# Tune adds CSV, JSON and TensorBoard(X) loggers to every sweep unless this is "1"
+# (ray/tune/utils/callback.py, _create_default_callbacks); Tune reads it in the process that runs
+# the sweep's loop: this one, or the Tuner's actor on the cluster behind Ray Client.
+NO_AUTO_LOGGERS = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+
+
+def tune_loggers() -> list:
+    """Tune's loggers for our sweeps: JSON and CSV (``result.json``/``progress.csv`` in Tune's
+    trial folder, which its result grid reads), never TensorBoard.  Tune's TensorBoard logger wrote
+    each trial again under ``_ray/sweep/<trial>/``, and its hparams experiment (one ``trial``
+    column) hid the study's in the HParams dashboard, which takes the first it finds."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    return [JsonLoggerCallback(), CSVLoggerCallback()]
+
+
+def remove_tune_tensorboard(storage_root: str) -> int:
+    """Delete the TensorBoard event files Ray Tune's logger left under ``<root>/_ray/`` (studies
+    launched before it was turned off): TensorBoard would list every trial twice and show Tune's
+    hparams instead of the study's.  Nothing of ours is written there as events."""
+    fs, path = storage.filesystem(storage.join(storage_root, "_ray"))
+    stale = fs.glob(f"{path.rstrip('/')}/*/*/events.out.tfevents.*")
+    for name in stale:
+        fs.rm(name)
+    if stale:
+        log.info("removed %d TensorBoard event files of Ray Tune's logger under %s", len(stale),
+                 storage.join(storage_root, "_ray"))
+    return len(stale)
+
+
 def run_sweep(trials: list[RunConfig], storage_root: str, placement: Placement | None = None,
               address: str | None = None, verbose: int = 1, wait_for_nodes: int = 0) -> list[dict]:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")   # reports block on this poll
@@ -150,6 +186,7 @@ def run_sweep(trials: list[RunConfig], storage_root: str, placement: Placement |
     storage.ensure_writable(storage_root)
     # One launch of a sweep at a time: a second would run the same trials beside the first.
     with Lease(storage_root, "sweep").acquire():
+        remove_tune_tensorboard(storage_root)
         failures = _run_todo(trials, storage_root, placement, address, verbose, wait_for_nodes)
     rows = results_table(trials, failures)
     write_table(storage_root, rows)
@@ -175,7 +212,10 @@ def _run_todo(trials: list[RunConfig], storage_root: str, placement: Placement, 
     check_ray_packing(todo, placement, GPU_DEFAULT, detect=not (address or "").startswith("ray://"))
     if not ray.is_initialized():
         if address:
-            ray.init(address=address, include_dashboard=False, log_to_driver=verbose > 1)
+            # Behind Ray Client the sweep's loop runs in an actor on the cluster: it needs the
+            # logger setting in its environment, not only in ours.
+            runtime_env = {"env_vars": dict(NO_AUTO_LOGGERS)} if address.startswith("ray://") else None
+            ray.init(address=address, include_dashboard=False, log_to_driver=verbose > 1, runtime_env=runtime_env)
             await_nodes(wait_for_nodes)
         else:
             start_local_ray(verbose)
@@ -192,9 +232,26 @@ def _run_todo(trials: list[RunConfig], storage_root: str, placement: Placement, 
                                     trial_name_creator=lambda trial: trial.config["trial"],
                                     trial_dirname_creator=lambda trial: trial.config["trial"]),
         run_config=tune.RunConfig(name="sweep", storage_path=ray_path, storage_filesystem=ray_fs,
-                                  verbose=verbose),
+                                  verbose=verbose, callbacks=tune_loggers()),
     )
-    return {r.config["trial"]: _first_line(r.error) for r in tuner.fit() if r.error}
+    with environment(NO_AUTO_LOGGERS):
+        results = tuner.fit()
+    return {r.config["trial"]: _first_line(r.error) for r in results if r.error}
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """``values`` in this process's environment for the block, as it was after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _first_line(error: BaseException) -> str:

@@ -295,22 +295,116 @@ def test_submitit_runs_the_grid_on_slurm_and_a_preempted_job_resumes(tiny_model_
     assert "this job is preempted" in log and f"resumed {cfg.out} at step {b['resumed_from_steps'][0]}" in log
 
 
-def test_ray_cluster_inside_an_allocation_runs_a_grid_and_leaves_no_ray_behind(tiny_model_dir, tmp_path, env):
+def _ray_rpc(address: str, server: str, token: str | None) -> str:
+    """One RPC to a Ray server, as any process on the network could send it: 'OK' or the gRPC
+    status ('UNAUTHENTICATED': refused for its token; 'UNAVAILABLE': nothing listening yet).
+    ``server`` is 'gcs' (what ray.init and job submission talk to) or 'client' (Ray Client)."""
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc, ray_client_pb2, ray_client_pb2_grpc
+
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    with grpc.insecure_channel(address) as channel:
+        try:
+            if server == "gcs":
+                gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                    gcs_service_pb2.GetClusterIdRequest(), timeout=10, metadata=metadata)
+            else:
+                ray_client_pb2_grpc.RayletDriverStub(channel).ClusterInfo(
+                    ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING), timeout=10,
+                    metadata=metadata)
+            return "OK"
+        except grpc.RpcError as exc:
+            return exc.code().name
+
+
+def _ray_job(tmp_path: Path, env: dict, model: str, grid: str, auth: dict) -> tuple[str, Path, Path]:
+    """slurm/ray_cluster.sh submitted as its header says, with the authentication settings ``auth``
+    (nothing of Ray's authentication inherited from this process: an in-process sweep sets some)."""
     store, logs = tmp_path / "study", tmp_path / "logs"
     logs.mkdir()
-    grid = tmp_path / "grid.yaml"
-    grid.write_text('axes:\n  tasks: [sst, "sst,para"]\n')
+    (tmp_path / "grid.yaml").write_text(grid)
+    job_env = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
     job = sbatch(["--gres=none", "--cpus-per-task=2", f"--output={logs}/ray-%j.out", "slurm/ray_cluster.sh",
-                  "--grid", str(grid), "--storage", str(store), *tiny(tiny_model_dir)],
-                 {**env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"})
-    final = wait_for(lambda: (s := subprocess.run(["sacct", "-n", "-P", "-X", "-j", job, "-o", "State"],
-                                                   capture_output=True, text=True).stdout.split()) and
-                     s[0] in ("COMPLETED", "FAILED", "CANCELLED") and s[0], 300, "the Ray job", poll=1)
-    log = (logs / f"ray-{job}.out").read_text()
-    assert final == "COMPLETED", log[-4000:]
-    assert "2/2 trials done" in log and "1 Ray nodes alive" in log
-    assert [r["status"] for r in json.loads((store / "results.json").read_text())] == ["done", "done"]
+                  "--grid", str(tmp_path / "grid.yaml"), "--storage", str(store), *tiny(model)],
+                 {**job_env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", **auth})
+    return job, store, logs / f"ray-{job}.out"
+
+
+def _ray_addresses(log: Path) -> tuple[str, str] | None:
+    """(GCS, Ray Client) addresses from the job's log line, once it is written."""
+    found = re.search(r"Ray head on \S+ \((\S+), Ray Client (\S+)\)", log.read_text() if log.exists() else "")
+    return found and (found.group(1), found.group(2))
+
+
+def _ended(job: str) -> str | None:
+    s = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job, "-o", "State"], capture_output=True,
+                       text=True).stdout.split()
+    return s[0] if s and s[0] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else None
+
+
+def _up(job: str, address: str, server: str):
+    """Whether the server answers (or the job ended, so that waiting is over)."""
+    return _ended(job) or _ray_rpc(address, server, None) != "UNAVAILABLE"
+
+
+def _no_ray_left(job: str) -> None:
     time.sleep(1)
     left = [p.info for p in psutil.process_iter(["pid", "cmdline", "status"])
             if f"/tmp/ray-{job}/" in " ".join(p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE]
     assert left == [] and not os.path.exists(f"/tmp/ray-{job}")
+
+
+def test_ray_cluster_inside_an_allocation_runs_a_grid_with_token_auth_and_leaves_no_ray_behind(
+        tiny_model_dir, tmp_path, env):
+    """The default: token authentication with a fresh token for the job.  While the job runs, its
+    GCS and Ray Client ports refuse a caller without the token (or with another) and answer one
+    with it; the sweep itself (head, driver, trial workers) runs with it; nothing is left after."""
+    job, store, log_path = _ray_job(tmp_path, env, tiny_model_dir, 'axes:\n  tasks: [sst, "sst,para"]\n', {})
+    gcs, client = wait_for(lambda: _ray_addresses(log_path) or _ended(job) and ("", ""), 120, "the job's Ray head")
+    assert gcs, log_path.read_text()[-3000:]
+    token_file = Path(f"/tmp/ray-{job}/auth/token")      # for the user's own tools (the header)
+    token = token_file.read_text()
+    assert len(token) == 64
+    for address, server in ((gcs, "gcs"), (client, "client")):
+        wait_for(lambda: _up(job, address, server), 120, f"the job's {server} server", poll=0.5)
+        assert _ray_rpc(address, server, None) == "UNAUTHENTICATED", server
+        assert _ray_rpc(address, server, "0" * 64) == "UNAUTHENTICATED", server
+        assert _ray_rpc(address, server, token) == "OK", server      # the same probe, with the token: answered
+    # Ray's own client, as another user on the network would run it: refused, naming the token.
+    ray_cli = [str(Path(sys.executable).with_name("ray")), "status", "--address", gcs]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    refused = subprocess.run(ray_cli, env={**clean, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode != 0 and "AuthenticationError" in refused.stderr, refused.stderr[-2000:]
+    answered = subprocess.run(ray_cli, env={**clean, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)},
+                              capture_output=True, text=True, timeout=120)
+    assert answered.returncode == 0 and "AuthenticationError" not in answered.stderr, answered.stderr[-2000:]
+    # Readable by the user alone, also once Ray has opened its temp folder to everyone.
+    assert token_file.stat().st_mode & 0o777 == 0o600 and token_file.parent.stat().st_mode & 0o777 == 0o700
+    # The token is on no command line (ps shows those to every user).
+    assert not [p.pid for p in psutil.process_iter(["cmdline"]) if token in " ".join(p.info["cmdline"] or [])]
+    final = wait_for(lambda: _ended(job), 300, "the Ray job", poll=1)
+    log = log_path.read_text()
+    assert final == "COMPLETED", log[-4000:]
+    assert "2/2 trials done" in log and "1 Ray nodes alive" in log and "token authentication" in log
+    assert token not in log
+    assert [r["status"] for r in json.loads((store / "results.json").read_text())] == ["done", "done"]
+    _no_ray_left(job)     # and the token file with the job's temp folder
+
+
+def test_ray_cluster_auth_can_be_turned_off_explicitly(tiny_model_dir, tmp_path, env):
+    """`RAY_AUTH_MODE=disabled sbatch slurm/ray_cluster.sh ...` (the header's opt-out): the job
+    warns, its Ray answers a caller without a token, and the sweep runs."""
+    job, store, log_path = _ray_job(tmp_path, env, tiny_model_dir, "axes:\n  tasks: [sst]\n",
+                                    {"RAY_AUTH_MODE": "disabled"})
+    gcs, _ = wait_for(lambda: _ray_addresses(log_path) or _ended(job) and ("", ""), 120, "the job's Ray head")
+    assert gcs, log_path.read_text()[-3000:]
+    assert not os.path.exists(f"/tmp/ray-{job}/auth")
+    wait_for(lambda: _up(job, gcs, "gcs"), 120, "the job's GCS", poll=0.5)
+    assert _ray_rpc(gcs, "gcs", None) == "OK"
+    final = wait_for(lambda: _ended(job), 300, "the Ray job", poll=1)
+    log = log_path.read_text()
+    assert final == "COMPLETED", log[-4000:]
+    assert "warning: RAY_AUTH_MODE=disabled" in log and "NO authentication" in log and "1/1 trials done" in log
+    assert [r["status"] for r in json.loads((store / "results.json").read_text())] == ["done"]
+    _no_ray_left(job)
