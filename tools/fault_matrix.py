@@ -441,6 +441,52 @@ def build_issue15(m: Matrix) -> None:
             clean_error(cache, "axes.data.cache_dir: not a setting of what a trial computes")
         return f"{one_line(both)[8:40]}; {one_line(seeds)[8:30]}; {one_line(cache)[-50:]}", ok
 
+    @m.case("slurm/ray_cluster.sh: who may use the job's Ray", "token auth by default: a caller without the token is refused")
+    def _(out):
+        import re
+
+        if shutil.which("sbatch") is None:
+            return "no SLURM here (bash slurm/local_cluster.sh start)", False
+        out.mkdir()
+        (out / "grid.yaml").write_text("axes:\n  tasks: [sst]\n")
+        env = {k: v for k, v in ENV.items() if not k.startswith("RAY_AUTH")}
+        env.update(MTL_PYTHON=sys.executable, PYTHONUNBUFFERED="1")
+        log = out / "ray.out"
+        sub = subprocess.run(["sbatch", "--parsable", "--gres=none", "--cpus-per-task=2", f"--output={log}",
+                              "slurm/ray_cluster.sh", "--grid", str(out / "grid.yaml"), "--storage", str(out / "study"),
+                              *m.args(out)[3:-2]], capture_output=True, text=True, env=env, cwd=ROOT)
+        job = sub.stdout.strip().split(";")[0]
+        if sub.returncode or not job:
+            return f"sbatch refused: {sub.stderr.strip()[-100:]}", False
+
+        def state():
+            got = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job, "-o", "State"], capture_output=True,
+                                 text=True).stdout.split()
+            return got[0] if got else "PENDING"
+        deadline, address = time.time() + 240, None
+        while time.time() < deadline and state() in ("PENDING", "RUNNING"):
+            found = re.search(r"Ray head on \S+ \((\S+),", log.read_text() if log.exists() else "")
+            if found:
+                address = found.group(1)
+                break
+            time.sleep(0.5)
+        refused = None
+        if address:
+            ray_cli = [str(Path(sys.executable).with_name("ray")), "status", "--address", address]
+            for _ in range(60):            # the head's GCS answers a few seconds after the log line
+                probe = subprocess.run(ray_cli, env={**env, "RAY_AUTH_MODE": "disabled"}, capture_output=True,
+                                       text=True, timeout=120)
+                if "AuthenticationError" in probe.stderr or probe.returncode == 0:
+                    refused = probe.returncode != 0
+                    break
+                time.sleep(2)
+        while time.time() < deadline + 300 and state() in ("PENDING", "RUNNING"):
+            time.sleep(1)
+        text = log.read_text() if log.exists() else ""
+        ok = bool(address) and refused is True and state() == "COMPLETED" and "token authentication" in text and \
+            "1/1 trials done" in text
+        return f"job {job} {state()}; token-less ray status refused: {refused}; sweep {'done' if ok else 'see ' + str(log)}", ok
+
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
