@@ -351,10 +351,8 @@ def trial_name(cfg: RunConfig) -> str:
 # Done-ness and the results table
 # --------------------------------------------------------------------------------------------
 def is_finished(cfg: RunConfig) -> bool:
-    """Whether the trial ran to an end, done or failed (a diverged trial fails the same way
-    again: delete its results.json to try it anyway).  Launchers never run it again.  An
-    unreadable results.json is not an end: it is said (once) and the trial runs again."""
-    return read_results(cfg) is not None
+    """Whether the trial ran to an end, done or failed: ``mtl.results.ended``."""
+    return trial_results.ended(cfg.out) is not None
 
 
 def read_results(cfg: RunConfig) -> dict | None:
@@ -452,7 +450,7 @@ def write_tensorboard_experiment(trials: list[RunConfig], root: str) -> None:
     from torch.utils.tensorboard.summary import hparams
 
     from mtl.monitor import hparam_value
-    from mtl.train import metric_names
+    from mtl.evaluation import metric_names
 
     configs = [flatten(t.identity()) for t in trials]
     varied = sorted(k for k in configs[0] if len({json.dumps(c[k]) for c in configs}) > 1) or ["seed"]

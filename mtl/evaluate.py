@@ -43,7 +43,7 @@ def evaluate(path: str, split: str, data_dir: str | None = None, out: str | None
              device: str = "cpu") -> dict:
     """Predictions for each of the trial's tasks on ``split``; returns the metrics (empty for an
     unlabelled split) and writes the CSV files to ``out`` (default: <trial>/predictions)."""
-    from mtl.train import predict, score
+    from mtl.evaluation import predict, score
 
     model, cfg, meta, tokenizer = load_best(path, device)
     data_dir = data_dir or cfg.data.data_dir

@@ -76,3 +76,18 @@ def read_or_none(out: str) -> dict | None:
             _warned.add(str(exc))
             log.warning("%s: not counted as finished, the trial runs again", exc)
         return None
+
+
+# "Is this trial finished?", answered here once for everyone.  Two questions, on purpose:
+def ended(out: str) -> dict | None:
+    """The results of a trial that ran to an end, done or failed, else None.  Launchers never
+    run an ended trial again: a diverged trial would fail the same way (delete its results.json
+    to try it anyway).  An unreadable results.json is not an end: said once, the trial runs."""
+    return read_or_none(out)
+
+
+def done(out: str) -> dict | None:
+    """The results of a trial that finished training (status done), else None.  A failed trial
+    started again by hand (``python -m mtl.train``) is tried again: its user asked for it."""
+    results = read_or_none(out)
+    return results if results is not None and results.get("status", "done") == "done" else None

@@ -27,8 +27,9 @@ from mtl.config import RunConfig
 from mtl.errors import ConfigError, MtlError, TrialFailed
 from mtl.lease import Lease, LeaseHeld
 from mtl.conflict import conflict_stats, probe_gram
-from mtl.data import (MultiTaskSampler, Step, data_changes, data_record, encode_split, eval_order, file_digests,
-                      make_batch, read_split)
+from mtl.data import (MultiTaskSampler, Step, data_changes, data_record, encode_split, file_digests, make_batch,
+                      read_split)
+from mtl.evaluation import metric_names, predict, score
 from mtl.dist import DistContext
 from mtl.model import MultiTaskModel, build_model, load_tokenizer
 from mtl.monitor import NullSink, TensorBoardSink, progress_bar
@@ -241,43 +242,6 @@ def train_step(number: int, step: Step, model: MultiTaskModel, strategy: TorchSt
 
 
 # --------------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------------
-@torch.no_grad()
-def predict(model: MultiTaskModel, dev: dict, batch_size: int, autocast, device,
-            pad_multiple: int = 1) -> dict[str, torch.Tensor]:
-    """Each task's predictions (in label space), in the order of its examples."""
-    was_training = model.training
-    model.eval()
-    predictions = {}
-    for task, enc in dev.items():
-        spec = TASKS[task]
-        order = eval_order(enc)
-        preds = []
-        for chunk in order.split(batch_size):
-            with autocast():
-                out = model.task_output(task, make_batch(enc, chunk, pad_multiple).to(device))
-            preds.append(spec.output(out).cpu())
-        pred = torch.empty(len(enc), dtype=preds[0].dtype)
-        pred[order] = torch.cat(preds)
-        predictions[task] = pred
-    model.train(was_training)
-    return predictions
-
-
-def metric_names(tasks) -> list[str]:
-    return [f"{t}/{m}" for t in tasks for m in TASKS[t].metric_names] + ["mean"]
-
-
-def score(predictions: dict[str, torch.Tensor], dev: dict) -> dict[str, float]:
-    """Each task's dev metrics and their 'mean' over the tasks' primary metrics."""
-    metrics = {f"{t}/{name}": value for t, pred in predictions.items()
-               for name, value in TASKS[t].metrics(pred, dev[t].labels).items()}
-    metrics["mean"] = sum(metrics[f"{t}/{TASKS[t].primary_metric}"] for t in predictions) / len(predictions)
-    return metrics
-
-
-# --------------------------------------------------------------------------------------------
 # The trial
 # --------------------------------------------------------------------------------------------
 @dataclass
@@ -349,8 +313,8 @@ def results_url(cfg: RunConfig) -> str:
 def finished_results(cfg: RunConfig) -> dict | None:
     """The results of this trial when it is done (a failed one is tried again, an unreadable
     results.json is said and not counted)."""
-    results = trial_results.read_or_none(cfg.out)
-    if results is None or results.get("status", "done") != "done":
+    results = trial_results.done(cfg.out)
+    if results is None:
         return None
     saved = results.get("data")
     check_same_trial(results["config"], cfg, saved,

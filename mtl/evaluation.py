@@ -1,0 +1,44 @@
+"""Evaluation: a model's predictions on encoded splits and their metrics, one way for the
+training loop (dev scores, best-weights choice), ``mtl.evaluate`` (any split, the leaderboard's
+files) and the study (the metric names TensorBoard's HParams columns are declared with)."""
+from __future__ import annotations
+
+import torch
+
+from mtl.data import eval_order, make_batch
+from mtl.model import MultiTaskModel
+from mtl.tasks import TASKS
+
+
+@torch.no_grad()
+def predict(model: MultiTaskModel, dev: dict, batch_size: int, autocast, device,
+            pad_multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Each task's predictions (in label space), in the order of its examples."""
+    was_training = model.training
+    model.eval()
+    predictions = {}
+    for task, enc in dev.items():
+        spec = TASKS[task]
+        order = eval_order(enc)
+        preds = []
+        for chunk in order.split(batch_size):
+            with autocast():
+                out = model.task_output(task, make_batch(enc, chunk, pad_multiple).to(device))
+            preds.append(spec.output(out).cpu())
+        pred = torch.empty(len(enc), dtype=preds[0].dtype)
+        pred[order] = torch.cat(preds)
+        predictions[task] = pred
+    model.train(was_training)
+    return predictions
+
+
+def metric_names(tasks) -> list[str]:
+    return [f"{t}/{m}" for t in tasks for m in TASKS[t].metric_names] + ["mean"]
+
+
+def score(predictions: dict[str, torch.Tensor], dev: dict) -> dict[str, float]:
+    """Each task's dev metrics and their 'mean' over the tasks' primary metrics."""
+    metrics = {f"{t}/{name}": value for t, pred in predictions.items()
+               for name, value in TASKS[t].metrics(pred, dev[t].labels).items()}
+    metrics["mean"] = sum(metrics[f"{t}/{TASKS[t].primary_metric}"] for t in predictions) / len(predictions)
+    return metrics
