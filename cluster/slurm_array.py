@@ -39,6 +39,7 @@ from pathlib import Path
 
 from mtl import storage
 from mtl.config import RunConfig
+from mtl.rendezvous import free_port
 from mtl.errors import ConfigError, MtlError
 from mtl.stop import EXIT_STOPPED
 
@@ -73,7 +74,7 @@ class TrialProcesses:
             if name not in ports:
                 with open(path, "w") as fh:
                     json.dump(cfg.to_dict(), fh)
-                ports[name] = _free_port()
+                ports[name] = free_port()
                 self.procs[name] = []
             self.procs[name].append(subprocess.Popen([sys.executable, "-m", "cluster.trial", path],
                                                      env=_worker_env(rank, world, ports[name], gpu)))
@@ -151,12 +152,6 @@ def _worker_env(rank: int, world: int, port: int, gpu: str | None) -> dict:
     if gpu is not None:       # one GPU per worker process: it is that process's cuda:0
         env.update(CUDA_VISIBLE_DEVICES=gpu, LOCAL_RANK="0")
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def requeue() -> bool:

@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 import tempfile
 
 import torch
@@ -28,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from mtl import storage
 from mtl.config import RunConfig
 from mtl.dist import DistContext
+from mtl.rendezvous import free_port
 from mtl.errors import CheckpointError
 
 
@@ -201,7 +201,7 @@ class DeepSpeedStrategy(TorchStrategy):
         if not tdist.is_initialized():
             # A world of one still needs a process group; DeepSpeed would look for MPI otherwise.
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
             tdist.init_process_group("nccl" if self.dist.device.type == "cuda" else "gloo", rank=0, world_size=1)
         self.model, self.scheduler = model, scheduler
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -293,8 +293,3 @@ def warn_if_emulated(precision: str, device: torch.device) -> None:
                     "emulated and can be many times slower than fp32 (--precision fp32)", precision, precision,
                     torch.backends.cpu.get_cpu_capability())
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
