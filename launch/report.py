@@ -1,4 +1,4 @@
-"""Write a sweep's report: tables, figures, significance and answers (see cluster/report.py).
+"""Write a sweep's report: tables, figures, significance and answers (see cluster/report/).
 
     python launch/report.py runs/sweep
     python launch/report.py s3://bucket/study --out /tmp/report"""

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from cluster import stats
+from cluster.report import stats
 
 
 def test_holm_by_hand():

@@ -58,7 +58,7 @@ def mean_std(values) -> tuple[float, float]:
 def ttest_p(values) -> float | None:
     """Two-sided one-sample t-test of per-seed changes against 0 (the paired test: each seed's
     multi-task run against the same seed's baseline).  None below 2 seeds."""
-    from scipy import stats
+    from scipy import stats          # lazily: seconds to import, needed only with several seeds
 
     values = list(values)
     if len(values) < 2:
