@@ -7,7 +7,7 @@
 
 (``launch/ray_submit.py``, ``launch/slurm_submit.py`` and ``launch/submitit_sweep.py`` are the
 same command with the backend fixed.)  The grid, trial names, done-ness and the results table
-come from cluster.study; a backend only decides where each trial runs.  Every ``python -m
+come from cluster.core.study; a backend only decides where each trial runs.  Every ``python -m
 mtl.train`` flag applies to all trials; placement flags (CPUs, GPUs, partition, time...) never
 change a trial's identity.  Running the same command again skips finished trials and resumes
 unfinished ones from their checkpoints.
@@ -23,8 +23,8 @@ from mtl.cli import add_config_flags, config_from_args
 from mtl.config import RunConfig
 from mtl.errors import ConfigError, MtlError
 
-from cluster.placement import Placement, add_placement_flags, placement_from_args
-from cluster.study import (NAMED, SIZE_CONTROLS, absolute, check_storage, expand, parse_seeds, slot_count,
+from cluster.core.placement import Placement, add_placement_flags, placement_from_args
+from cluster.core.study import (NAMED, SIZE_CONTROLS, absolute, check_storage, expand, parse_seeds, slot_count,
                            write_tensorboard_experiment)
 
 BACKENDS = ("ray", "slurm", "submitit")
@@ -101,14 +101,14 @@ def run_backend(trials: list[RunConfig], root: str, placement: Placement,
                 args: argparse.Namespace) -> list[dict] | None:
     """Rows of the results table, or None when jobs were submitted without waiting."""
     if args.backend == "ray":
-        from cluster.ray_sweep import run_sweep
+        from cluster.backends.ray_sweep import run_sweep
 
         return run_sweep(trials, root, placement, address=args.address, wait_for_nodes=args.wait_for_nodes)
     if args.backend == "slurm":
-        from cluster.slurm_array import submit_array
+        from cluster.backends.slurm_array import submit_array
 
         return submit_array(trials, root, placement, wait=bool(args.wait), script=args.script)
-    from cluster.submitit_sweep import run_submitit
+    from cluster.backends.submitit_sweep import run_submitit
 
     return run_submitit(trials, root, placement, cluster=args.cluster, wait=args.wait is not False)
 

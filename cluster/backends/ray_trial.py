@@ -17,7 +17,7 @@ from mtl.config import RunConfig
 from mtl.dist import DistContext
 from mtl.errors import TrialFailed
 
-from cluster.placement import Placement
+from cluster.core.placement import Placement
 
 
 def ray_dist_context(device: str = "auto") -> DistContext:
@@ -37,7 +37,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint, CheckpointUploadMode
 
-    from cluster.trial import run_trial
+    from cluster.core.trial import run_trial
 
     cfg = RunConfig.from_dict(config)
     ray_fs = ray.train.get_context().get_storage().storage_filesystem

@@ -34,11 +34,11 @@ from mtl.dist import DistContext
 from mtl.errors import ConfigError
 from mtl.lease import Lease
 
-from cluster.placement import Placement, time_minutes
-from cluster.study import is_finished, results_table, trial_name, write_table
-from cluster.trial import run_trial
+from cluster.core.placement import Placement, time_minutes
+from cluster.core.study import is_finished, results_table, trial_name, write_table
+from cluster.core.trial import run_trial
 
-log = logging.getLogger("cluster.submitit_sweep")
+log = logging.getLogger("cluster.backends.submitit_sweep")
 DEFAULT_TIME_MIN = 240
 CLUSTERS = ("slurm", "local", "debug")
 # SLURM's ended states (sacct).  A local job has ended when its process has exited.

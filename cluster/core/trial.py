@@ -1,6 +1,6 @@
 """The one entry point through which every launcher runs a trial.
 
-    python -m cluster.trial CONFIG.json        # one worker process (rank from RANK/WORLD_SIZE/...)
+    python -m cluster.core.trial CONFIG.json        # one worker process (rank from RANK/WORLD_SIZE/...)
 
 A finished trial (its ``results.json`` exists: done, or failed because training diverged) is
 never trained again: a requeued or duplicated job returns its results at once.  Anything else
@@ -27,7 +27,7 @@ def run_trial(cfg: "RunConfig", dist: "DistContext | None" = None,
     from mtl.lease import takeover_wait_s
     from mtl.train import train
 
-    from cluster.study import is_finished, read_results
+    from cluster.core.study import is_finished, read_results
 
     if is_finished(cfg):
         return read_results(cfg)
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None, stop: StopSignal | None = None) -> int:
     from mtl.cli import guarded, print_summary
     from mtl.config import RunConfig
 
-    p = argparse.ArgumentParser(prog="python -m cluster.trial", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m cluster.core.trial", description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="the trial's RunConfig as JSON (a file or fsspec URL)")
     args = p.parse_args(argv)
     main_rank = os.environ.get("RANK", "0") == "0"     # the other ranks say only what goes wrong

@@ -17,7 +17,7 @@ builds and fits that trial's TorchTrainer (Ray Train V2's pattern).
   HParams dashboard.  Copies left by earlier launches are removed at the start of a launch.
 - Fractional GPUs (``--gpus-per-worker 0.25``) pack trials onto a GPU: the budgets admit as many
   as fit (four 1-worker trials per GPU), and a packing whose estimated memory exceeds the GPU's is
-  refused before Ray starts (cluster/memory.py).
+  refused before Ray starts (cluster/core/memory.py).
 
 Test/dev hook: ``MTL_FAKE_GPUS=N`` makes ``start_local_ray`` declare N GPUs that need not exist
 (Ray's GPUs are logical resources; Ray then hands workers fake CUDA_VISIBLE_DEVICES ids).  It
@@ -37,12 +37,12 @@ from mtl.config import RunConfig
 from mtl.errors import MtlError
 from mtl.lease import Lease
 
-from cluster.memory import check_ray_packing
-from cluster.placement import Placement, units
-from cluster.ray_trial import GPU_DEFAULT, ray_storage
-from cluster.study import is_finished, read_results, results_table, trial_name, write_table
+from cluster.core.memory import check_ray_packing
+from cluster.core.placement import Placement, units
+from cluster.backends.ray_trial import GPU_DEFAULT, ray_storage
+from cluster.core.study import is_finished, read_results, results_table, trial_name, write_table
 
-log = logging.getLogger("cluster.ray_sweep")
+log = logging.getLogger("cluster.backends.ray_sweep")
 # Admission budgets: a local Ray is started with these custom resources equal to its CPUs and
 # GPUs, and each trial's driver reserves as much of them as its workers will need, so Tune
 # starts exactly the trials whose workers fit - per trial, whatever the grid mixes.
@@ -134,7 +134,7 @@ def _driver(config: dict, trials: dict, placement: Placement, storage_root: str)
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cluster.ray_trial import build_trainer
+    from cluster.backends.ray_trial import build_trainer
 
     launched = time.time()
     name = config["trial"]

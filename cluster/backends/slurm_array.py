@@ -2,11 +2,11 @@
 
 In a job (slurm/sweep.sh execs this)::
 
-    python -m cluster.slurm_array --grid pairings --seeds 0 --storage runs/sweep [mtl.train flags]
+    python -m cluster.backends.slurm_array --grid pairings --seeds 0 --storage runs/sweep [mtl.train flags]
 
 Array task i expands the grid exactly as the submitter did and runs slot i (trial i, or
 trials [i*k, i*k+k) with ``--trials-per-task k``).  A finished trial exits 0 at once.  Each
-trial's workers are child processes (``python -m cluster.trial``; one per data-parallel
+trial's workers are child processes (``python -m cluster.core.trial``; one per data-parallel
 worker, DDP over the task's CPUs or GPUs), and this process relays signals to them:
 
 - SIGUSR1 (``#SBATCH --signal=B:USR1@120``, or ``scancel --batch --signal=USR1``): the trials
@@ -43,11 +43,11 @@ from mtl.rendezvous import free_port
 from mtl.errors import ConfigError, MtlError
 from mtl.stop import EXIT_STOPPED
 
-from cluster.placement import Placement
-from cluster.study import index_ranges, is_finished, results_table, slot_count, slot_trials, trial_name, write_table
+from cluster.core.placement import Placement
+from cluster.core.study import index_ranges, is_finished, results_table, slot_count, slot_trials, trial_name, write_table
 
-log = logging.getLogger("cluster.slurm_array")
-SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "sweep.sh"
+log = logging.getLogger("cluster.backends.slurm_array")
+SCRIPT = Path(__file__).resolve().parents[2] / "slurm" / "sweep.sh"
 # sacct/squeue states after which a task will not run again on its own.
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
          "PREEMPTED", "REVOKED", "SPECIAL_EXIT"}
@@ -76,7 +76,7 @@ class TrialProcesses:
                     json.dump(cfg.to_dict(), fh)
                 ports[name] = free_port()
                 self.procs[name] = []
-            self.procs[name].append(subprocess.Popen([sys.executable, "-m", "cluster.trial", path],
+            self.procs[name].append(subprocess.Popen([sys.executable, "-m", "cluster.core.trial", path],
                                                      env=_worker_env(rank, world, ports[name], gpu)))
         if self.signum is not None:
             self.relay(self.signum, None)
@@ -173,7 +173,7 @@ def check_task_memory(todo: list[RunConfig], gpu_memory: str, pinned: dict[str, 
     exceeds its memory (--gpu-memory, else nvidia-smi here).  Costs nothing when every worker has
     its own GPU; otherwise an nvidia-smi call, and (only without estimates pinned by the
     submitter) importing torch and transformers to estimate, seconds."""
-    from cluster import memory
+    from cluster.core import memory
 
     placement = Placement(gpu_memory=gpu_memory)
     packed = shared_gpus(todo, visible_gpus())
@@ -232,7 +232,7 @@ def task_main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda signum, frame: early.append(signum))
     from cluster.submit import add_study_flags, trials_from_args
 
-    p = argparse.ArgumentParser(prog="python -m cluster.slurm_array", description="Run one array task of a study.")
+    p = argparse.ArgumentParser(prog="python -m cluster.backends.slurm_array", description="Run one array task of a study.")
     add_study_flags(p, grid_required=False)
     p.add_argument("--trials", default=None, metavar="URL",
                    help="the study's trial list as written by launch/slurm_submit.py (instead of --grid)")
@@ -315,7 +315,7 @@ def packing_estimates(trials: list[RunConfig], placement: Placement) -> dict[str
     task to check without importing torch), after refusing, when --gpu-memory states the GPU's
     size, a task that cannot fit.  Without --gpu-memory the check waits for the task, which sees
     its GPU (this submit host's GPUs, if any, say nothing about the partition's)."""
-    from cluster import memory
+    from cluster.core import memory
 
     k = placement.trials_per_task
     packs = {}

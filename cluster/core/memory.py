@@ -61,9 +61,9 @@ from dataclasses import dataclass
 from mtl.config import RunConfig
 from mtl.errors import ConfigError, MtlError
 
-from cluster.placement import Placement, parse_size
+from cluster.core.placement import Placement, parse_size
 
-log = logging.getLogger("cluster.memory")
+log = logging.getLogger("cluster.core.memory")
 GiB = 1 << 30
 CONTEXT_BYTES = int(0.75 * GiB)
 ALLOCATOR_SLACK = 1.10
@@ -220,7 +220,7 @@ def check_gpu(workers: list[tuple[str, int]], capacity: int, source: str, what: 
 
 def estimates(trials: list[RunConfig]) -> dict[str, int] | None:
     """{trial name: one worker's estimate}, or None (logged) where a model's config is unknown."""
-    from cluster.study import trial_name
+    from cluster.core.study import trial_name
 
     try:
         return {trial_name(t): estimate_worker(t).total for t in trials}
@@ -244,7 +244,7 @@ def check_ray_packing(trials: list[RunConfig], placement: Placement, gpu_default
     sizes = estimates(on_gpu)
     if sizes is None:
         return
-    from cluster.study import trial_name
+    from cluster.core.study import trial_name
 
     workers = sorted(((trial_name(t), sizes[trial_name(t)]) for t in on_gpu for _ in range(t.parallel.workers)),
                      key=lambda w: -w[1])[:per_gpu]
@@ -257,7 +257,7 @@ def check_ray_packing(trials: list[RunConfig], placement: Placement, gpu_default
 def check_slurm_gpus(packed: dict[str, list[RunConfig]], sizes: dict[str, int], capacity: int, source: str) -> None:
     """SLURM: ``packed`` maps each of a task's GPUs to the trials whose workers it runs (a trial
     once per worker there)."""
-    from cluster.study import trial_name
+    from cluster.core.study import trial_name
 
     for gpu, trials in packed.items():
         check_gpu([(trial_name(t), sizes[trial_name(t)]) for t in trials], capacity, source,

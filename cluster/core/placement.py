@@ -9,7 +9,7 @@ GPU: Ray admits them through its fractional GPU resource, a SLURM array task run
 ``--trials-per-task`` trials side by side on the GPUs their summed demand rounds up to.  Ray
 counts resources in fixed point (units of 0.0001, ``RESOURCE_UNITS`` per 1), so a fraction must be
 a multiple of 0.0001: then Ray's admission, our concurrency bound and the memory check
-(cluster/memory.py) agree exactly on how many workers share a GPU.  ``--gpu-memory`` gives that
+(cluster/core/memory.py) agree exactly on how many workers share a GPU.  ``--gpu-memory`` gives that
 check the GPU's capacity."""
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ class Placement:
             return
         many = [t for t in trials if t.parallel.workers > 1 and t.device != "cpu"]
         if many:
-            from cluster.study import trial_name
+            from cluster.core.study import trial_name
 
             raise ConfigError(f"--gpus-per-worker {g:g}: trial {trial_name(many[0])} has {many[0].parallel.workers} "
                               f"workers, whose ranks could share one GPU (NCCL refuses that): give trials of several "
@@ -191,7 +191,7 @@ def add_placement_flags(parser: argparse.ArgumentParser, backend: str | None = N
               "(default: 1); with --gpus-per-worker 0.25 and 4, one GPU runs four trials")
     flag("gpu_memory", "--gpu-memory", default="", metavar="SIZE",
          help="memory of one GPU, e.g. 80G or 141GiB (binary units, as SLURM's --mem): a packing of several "
-              "workers on one GPU whose estimated peak (cluster/memory.py) exceeds it is refused. Default: "
+              "workers on one GPU whose estimated peak (cluster/core/memory.py) exceeds it is refused. Default: "
               "what nvidia-smi reports where the trials run (a local Ray; a SLURM array task at its start), "
               "no check where unknown; 'off': never check")
     flag("setup", "--setup", action="append", default=[], metavar="LINE",
