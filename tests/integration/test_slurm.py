@@ -272,8 +272,8 @@ def test_submitit_runs_the_grid_on_slurm_and_a_preempted_job_resumes(tiny_model_
     assert [(r["trial"], r["status"]) for r in rows] == [("sst-sum-s0", "done"), ("sst+para-sum-s0", "done")]
 
     # Preemption: submitit's USR2 -> checkpoint() resubmits -> the trial resumes from its own checkpoint.
-    from cluster.core.placement import Placement
     from cluster.backends.submitit_sweep import follow, submit
+    from cluster.core.placement import Placement
     from mtl.config import RunConfig
 
     cfg = RunConfig().replace(out=str(tmp_path / "pre" / "cut"), progress="off", **{

@@ -104,7 +104,8 @@ def test_start_up_clean_up_removes_only_its_own_partial_writes(tiny_model_dir, t
     ('{"status": "done"}', "a done trial's results without 'config'"),
 ])
 def test_an_unreadable_results_file_is_not_a_finished_trial(tiny_model_dir, tmp_path, caplog, content, why):
-    from cluster.core.study import check_storage, expand, is_finished, results_table
+    from cluster.core.ending import is_finished, results_table
+    from cluster.core.study import check_storage, expand
     from mtl.config import RunConfig
 
     trials = expand("smoke", RunConfig(), str(tmp_path), seeds=None)[:2]

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from cluster.core.study import results_table
+from cluster.core.ending import results_table
 from mtl.cli import run_cli
 from mtl.config import RunConfig
 

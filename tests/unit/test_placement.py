@@ -2,8 +2,8 @@
 SLURM's time formats, array specs as sacct prints them.  No cluster needed."""
 import pytest
 
-from cluster.core.placement import Placement, time_minutes
 from cluster.backends.slurm_array import _by_shape, _indices
+from cluster.core.placement import Placement, time_minutes
 from cluster.core.study import expand
 from mtl.config import RunConfig
 from mtl.errors import ConfigError
@@ -106,7 +106,8 @@ def test_gpu_memory_sizes():
 def test_placement_flags_reach_the_backends_that_read_them():
     import argparse
 
-    from cluster.core.placement import add_placement_flags, placement_from_args
+    from cluster.backends.registry import add_placement_flags
+    from cluster.core.placement import placement_from_args
 
     for backend, has in (("ray", True), ("slurm", True), ("submitit", False), (None, True)):
         p = argparse.ArgumentParser()

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from cluster.core.placement import Placement
 from cluster.backends.ray_sweep import concurrent_slots, driver_resources
-from cluster.core.study import (expand, index_ranges, is_finished, parse_seeds, results_table, slot_count, slot_trials,
-                           trial_name, write_table)
+from cluster.core.ending import is_finished, results_table, write_table
+from cluster.core.placement import Placement
+from cluster.core.study import expand, index_ranges, parse_seeds, slot_count, slot_trials, trial_name
 from cluster.submit import main as submit
 from mtl.config import RunConfig
 from mtl.errors import ConfigError
@@ -156,7 +156,8 @@ def test_the_slurm_and_submitit_paths_never_import_ray():
     import subprocess
     import sys
 
-    code = ("import sys, cluster.core.study, cluster.submit, cluster.backends.slurm_array, cluster.backends.submitit_sweep, cluster.core.trial; "
+    code = ("import sys, cluster.core.study, cluster.submit, cluster.backends.slurm_array, "
+            "cluster.backends.submitit_sweep, cluster.backends.submitit_job, cluster.core.trial; "
             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
