@@ -17,7 +17,7 @@ steps, without start-up, evaluation and checkpoint writes), so
 - speed-up = aggregate / aggregate at K = 1;
 - peak memory = the largest trial's peak (CUDA: the caching allocator's reserved peak, without
   the ~0.5 GiB CUDA context; CPU: resident set), and on CUDA the device's peak ``memory.used``
-  from nvidia-smi polled every 0.5 s (every process and context) beside cluster/memory.py's
+  from nvidia-smi polled every 0.5 s (every process and context) beside cluster/core/memory.py's
   estimate for K workers.  A K whose estimate exceeds the GPU is refused as a sweep would refuse
   it (``--no-memory-check`` runs it anyway).
 
@@ -144,7 +144,7 @@ def warm_token_cache(base) -> None:
 
 def study_examples(a, base) -> tuple[int, int]:
     """(trials, training examples of the whole study) at full length, from the data's sizes."""
-    from cluster.study import expand
+    from cluster.core.study import expand
     from mtl.data import MultiTaskSampler, read_split
     from mtl.tasks import TASKS
 
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     warm_token_cache(base)
     capacity = estimate = None
     if device.startswith("cuda"):
-        from cluster.memory import detect_gpu_memory, estimate_worker
+        from cluster.core.memory import detect_gpu_memory, estimate_worker
 
         capacity, estimate = detect_gpu_memory(), estimate_worker(base).total
     print(f"device {device} | model {a.model} | tasks {a.tasks} ({a.combiner}) | {a.precision} | batch "

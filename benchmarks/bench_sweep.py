@@ -53,9 +53,9 @@ def main(argv=None) -> int:
 def measure(a, train_rows: int) -> dict:
     import ray
 
-    from cluster.placement import Placement
-    from cluster.ray_sweep import demand, run_sweep, start_local_ray
-    from cluster.study import expand
+    from cluster.backends.ray_sweep import demand, run_sweep, start_local_ray
+    from cluster.core.placement import Placement
+    from cluster.core.study import expand
     from mtl.config import RunConfig
     from mtl.presets import PRESETS
 

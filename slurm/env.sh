@@ -1,6 +1,6 @@
 # Sourced by the sbatch scripts (not run): finds the Python of the project's environment.
 #
-#   source "$MTL_ROOT/slurm/env.sh"; mtl_python cluster.slurm_array     # sets $python, or exits 2
+#   source "$MTL_ROOT/slurm/env.sh"; mtl_python cluster.backends.slurm_array     # sets $python, or exits 2
 #
 # MTL_ROOT is the project folder (the helpers set it; by hand it is the folder sbatch was
 # called from).  The Python is $MTL_PYTHON if set; else, when MTL_SETUP is set, `python3` after

@@ -46,7 +46,7 @@ set -euo pipefail
 
 source "${MTL_ROOT:=${SLURM_SUBMIT_DIR:-$PWD}}/slurm/env.sh" 2>/dev/null ||
     { echo "error: $MTL_ROOT is not this project's folder: submit from the project root, or set MTL_ROOT" >&2; exit 2; }
-mtl_python cluster.slurm_array
+mtl_python cluster.backends.slurm_array
 # exec: Python becomes the batch step's process, so SIGUSR1 from --signal=B:... reaches it.
-exec "$python" -m cluster.slurm_array --grid "${MTL_GRID:-pairings}" --seeds "${MTL_SEEDS:-0}" \
+exec "$python" -m cluster.backends.slurm_array --grid "${MTL_GRID:-pairings}" --seeds "${MTL_SEEDS:-0}" \
     --storage "${MTL_STORAGE:-runs/sweep}" "$@"

@@ -37,9 +37,9 @@ def driver_intervals(root, trials) -> list[tuple[float, float]]:
 def test_fractional_gpus_admit_what_fits_one_gpu(make_config, tmp_path, one_fake_gpu, fraction, together):
     import ray
 
-    from cluster.placement import Placement
-    from cluster.ray_sweep import run_sweep
-    from cluster.study import expand
+    from cluster.backends.ray_sweep import run_sweep
+    from cluster.core.placement import Placement
+    from cluster.core.study import expand
 
     root = tmp_path / "sweep"
     base = make_config(device="cpu", **{"data.max_train_rows": 16, "data.max_dev_rows": 8})

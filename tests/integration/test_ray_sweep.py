@@ -16,8 +16,8 @@ def local_ray():
 
 
 def test_sweep_on_local_ray_runs_every_trial_once(make_config, tmp_path, local_ray):
-    from cluster.ray_sweep import run_sweep
-    from cluster.study import expand
+    from cluster.backends.ray_sweep import run_sweep
+    from cluster.core.study import expand
 
     base = make_config(**{"data.max_train_rows": 16, "data.max_dev_rows": 8})
     trials = expand("smoke", base, str(tmp_path / "sweep"), seeds=[0])

@@ -29,7 +29,7 @@ def fit(cfg, kill_after_first_checkpoint: bool = False):
     """Fit the trial's TorchTrainer here (this test is the Ray driver).  With ``kill_...``, a
     watcher SIGKILLs one training worker process once the trial's first checkpoint is
     published; returns (Ray's Result, the pid it killed or None)."""
-    from cluster.ray_trial import build_trainer
+    from cluster.backends.ray_trial import build_trainer
 
     killed = []
     stop = threading.Event()

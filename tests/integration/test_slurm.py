@@ -46,7 +46,7 @@ def sbatch(args: list[str], env: dict) -> str:
 
 
 def states(job: str) -> dict[int, str]:
-    from cluster.slurm_array import task_states
+    from cluster.backends.slurm_array import task_states
 
     out = subprocess.run(["squeue", "-h", "-r", "-j", job, "-o", "%K"], capture_output=True, text=True).stdout
     acct = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job, "-o", "JobID"], capture_output=True, text=True).stdout
@@ -65,7 +65,7 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.25):
 
 
 def wait_ended(job: str, timeout: float = 240) -> dict[int, str]:
-    from cluster.slurm_array import ENDED
+    from cluster.backends.slurm_array import ENDED
 
     return wait_for(lambda: (s := states(job)) and all(v in ENDED for v in s.values()) and s, timeout,
                     f"job {job} to end")
@@ -252,7 +252,7 @@ def test_bad_input_fails_the_task_at_once_with_one_line(tiny_model_dir, tmp_path
              for name in ("beyond", "unwritable", "noenv")}
     assert lines["beyond"][-1] == "error: array index 6 is beyond the grid: 6 trials, so indices 0-5"
     assert lines["unwritable"][-1].startswith("error: storage /proc/mtl-study is not writable")
-    assert lines["noenv"] == ["error: /nonexistent/python cannot import cluster.slurm_array: set MTL_PYTHON to the "
+    assert lines["noenv"] == ["error: /nonexistent/python cannot import cluster.backends.slurm_array: set MTL_PYTHON to the "
                               "environment's python, or MTL_SETUP to the line that activates it"]
     # The helper checks the storage before it submits anything.
     refused = helper(["--grid", "smoke", "--storage", "/proc/mtl-study", *tiny(tiny_model_dir)], env)
@@ -272,8 +272,8 @@ def test_submitit_runs_the_grid_on_slurm_and_a_preempted_job_resumes(tiny_model_
     assert [(r["trial"], r["status"]) for r in rows] == [("sst-sum-s0", "done"), ("sst+para-sum-s0", "done")]
 
     # Preemption: submitit's USR2 -> checkpoint() resubmits -> the trial resumes from its own checkpoint.
-    from cluster.placement import Placement
-    from cluster.submitit_sweep import follow, submit
+    from cluster.backends.submitit_sweep import follow, submit
+    from cluster.core.placement import Placement
     from mtl.config import RunConfig
 
     cfg = RunConfig().replace(out=str(tmp_path / "pre" / "cut"), progress="off", **{

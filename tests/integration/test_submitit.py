@@ -183,7 +183,7 @@ def test_in_process_a_diverged_trial_is_a_failed_row_and_what_cannot_run_is_one_
 
 
 def test_the_default_executor_is_slurm_where_sbatch_is_on_path_else_local(tmp_path, monkeypatch):
-    from cluster.submitit_sweep import which_cluster
+    from cluster.backends.submitit_sweep import which_cluster
 
     monkeypatch.setenv("PATH", str(tmp_path))
     assert which_cluster(None) == "local"

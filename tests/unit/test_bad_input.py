@@ -104,7 +104,8 @@ def test_start_up_clean_up_removes_only_its_own_partial_writes(tiny_model_dir, t
     ('{"status": "done"}', "a done trial's results without 'config'"),
 ])
 def test_an_unreadable_results_file_is_not_a_finished_trial(tiny_model_dir, tmp_path, caplog, content, why):
-    from cluster.study import check_storage, expand, is_finished, results_table
+    from cluster.core.ending import is_finished, results_table
+    from cluster.core.study import check_storage, expand
     from mtl.config import RunConfig
 
     trials = expand("smoke", RunConfig(), str(tmp_path), seeds=None)[:2]
@@ -137,7 +138,7 @@ def test_launchers_say_an_unreadable_results_file_runs_again(tmp_path):
     ("fixed:\n  out: elsewhere\n", "g.yaml: fixed.out: every trial's folder is <storage>/<trial name>"),
 ])
 def test_bad_grids_name_the_file_and_key(tmp_path, text, message):
-    from cluster.study import expand
+    from cluster.core.study import expand
     from mtl.config import RunConfig
     from mtl.errors import ConfigError
 
@@ -149,7 +150,7 @@ def test_bad_grids_name_the_file_and_key(tmp_path, text, message):
 
 
 def test_a_trial_name_over_255_bytes_is_refused_before_anything_runs(tmp_path):
-    from cluster.study import expand
+    from cluster.core.study import expand
     from mtl.config import RunConfig
     from mtl.errors import ConfigError
 

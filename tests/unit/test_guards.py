@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from cluster.study import results_table
+from cluster.core.ending import results_table
 from mtl.cli import run_cli
 from mtl.config import RunConfig
 
@@ -166,7 +166,7 @@ def test_leftovers_of_a_killed_writer_are_cleaned_at_start(tiny_model_dir, tmp_p
 
 
 def test_grid_and_data_errors_name_where(tmp_path):
-    from cluster.study import expand
+    from cluster.core.study import expand
     from mtl.data import read_split
     from mtl.errors import ConfigError, DataError
     from mtl.tasks import TASKS

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from cluster import memory
-from cluster.memory import estimate_worker
-from cluster.placement import Placement
-from cluster.study import expand
+from cluster.core import memory
+from cluster.core.memory import estimate_worker
+from cluster.core.placement import Placement
+from cluster.core.study import expand
 from mtl.config import RunConfig
 from mtl.errors import ConfigError
 
@@ -108,7 +108,7 @@ def test_sixteen_large_trials_on_an_80_gb_gpu_are_refused(reference, no_nvidia_s
 def test_unknown_capacity_is_said_once_and_not_refused(reference, no_nvidia_smi, caplog):
     big = reference.replace(**{"optim.batch_size": 128, "model.max_length": 512})
     trials = expand("pairings", big, "/s", seeds=[0])
-    with caplog.at_level(logging.INFO, logger="cluster.memory"):
+    with caplog.at_level(logging.INFO, logger="cluster.core.memory"):
         memory.check_ray_packing(trials, Placement(gpus_per_worker=0.0625), 0.0, detect=True)
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1 and "GPU memory unknown here" in said[0] and "not checked" in said[0]
@@ -123,7 +123,7 @@ def test_capacity_from_nvidia_smi(monkeypatch):
 
 
 def test_slurm_submit_refuses_a_task_that_cannot_fit(reference, tmp_path):
-    from cluster.slurm_array import packing_estimates, pin_trials
+    from cluster.backends.slurm_array import packing_estimates, pin_trials
 
     big = reference.replace(**{"optim.batch_size": 128, "model.max_length": 512})
     trials = expand("pairings", big, str(tmp_path / "s"), seeds=[0])
@@ -143,7 +143,7 @@ def test_slurm_submit_refuses_a_task_that_cannot_fit(reference, tmp_path):
 
 
 def test_the_array_task_refuses_before_starting_any_worker(reference, tmp_path, monkeypatch, capsys):
-    from cluster import slurm_array
+    from cluster.backends import slurm_array
 
     big = reference.replace(**{"optim.batch_size": 128, "model.max_length": 512})
     group = expand("pairings", big, str(tmp_path / "s"), seeds=[0])[:16]
@@ -162,7 +162,7 @@ def test_the_array_task_checks_pinned_estimates_without_importing_torch(tmp_path
     code = f"""
 import json, sys
 sys.path.insert(0, {ROOT!r})
-from cluster.slurm_array import check_task_memory
+from cluster.backends.slurm_array import check_task_memory
 from mtl.config import RunConfig
 trials = [RunConfig.from_dict(d) for d in json.loads({json.dumps(json.dumps([t.to_dict() for t in trials]))})]
 pinned = json.loads({json.dumps(json.dumps(pinned))})

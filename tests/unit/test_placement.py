@@ -2,9 +2,9 @@
 SLURM's time formats, array specs as sacct prints them.  No cluster needed."""
 import pytest
 
-from cluster.placement import Placement, time_minutes
-from cluster.slurm_array import _by_shape, _indices
-from cluster.study import expand
+from cluster.backends.slurm_array import _by_shape, _indices
+from cluster.core.placement import Placement, time_minutes
+from cluster.core.study import expand
 from mtl.config import RunConfig
 from mtl.errors import ConfigError
 
@@ -65,7 +65,7 @@ def test_fractions_add_up_without_float_error():
 
 
 def test_ray_admits_exactly_what_fits_a_fractional_gpu():
-    from cluster.ray_sweep import concurrent_slots, driver_resources
+    from cluster.backends.ray_sweep import concurrent_slots, driver_resources
 
     trials = expand("pairings", RunConfig(), "/s", seeds=[0])
     cluster = {"CPU": 64.0, "GPU": 1.0, "mtl_cpus": 64.0, "mtl_gpus": 1.0}
@@ -88,7 +88,7 @@ def test_multi_worker_trials_need_whole_gpus():
 
 
 def test_gpu_memory_sizes():
-    from cluster.placement import parse_size
+    from cluster.core.placement import parse_size
 
     gib = 1 << 30
     assert parse_size("80G") == parse_size("80GB") == parse_size("80 GiB") == parse_size("81920M") == 80 * gib
@@ -106,7 +106,8 @@ def test_gpu_memory_sizes():
 def test_placement_flags_reach_the_backends_that_read_them():
     import argparse
 
-    from cluster.placement import add_placement_flags, placement_from_args
+    from cluster.backends.registry import add_placement_flags
+    from cluster.core.placement import placement_from_args
 
     for backend, has in (("ray", True), ("slurm", True), ("submitit", False), (None, True)):
         p = argparse.ArgumentParser()
@@ -119,7 +120,7 @@ def test_placement_flags_reach_the_backends_that_read_them():
 
 
 def test_an_array_task_spreads_workers_over_its_gpus_in_turn():
-    from cluster.slurm_array import place_workers, shared_gpus
+    from cluster.backends.slurm_array import place_workers, shared_gpus
 
     trials = expand("smoke", RunConfig(), "/s", seeds=[0])[:4]        # four 1-worker trials
     assert [g for _, _, g in place_workers(trials, ["0", "1"])] == ["0", "1", "0", "1"]

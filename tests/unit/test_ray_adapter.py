@@ -2,8 +2,8 @@
 trial's own folder, on a local path or any fsspec URL (wrapped for pyarrow)."""
 import pyarrow.fs
 
-from cluster.placement import Placement
-from cluster.ray_trial import build_trainer, fs_path, ray_storage
+from cluster.backends.ray_trial import build_trainer, fs_path, ray_storage
+from cluster.core.placement import Placement
 from mtl.config import RunConfig
 
 

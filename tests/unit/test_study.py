@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from cluster.placement import Placement
-from cluster.ray_sweep import concurrent_slots, driver_resources
-from cluster.study import (expand, index_ranges, is_finished, parse_seeds, results_table, slot_count, slot_trials,
-                           trial_name, write_table)
+from cluster.backends.ray_sweep import concurrent_slots, driver_resources
+from cluster.core.ending import is_finished, results_table, write_table
+from cluster.core.placement import Placement
+from cluster.core.study import expand, index_ranges, parse_seeds, slot_count, slot_trials, trial_name
 from cluster.submit import main as submit
 from mtl.config import RunConfig
 from mtl.errors import ConfigError
@@ -156,7 +156,8 @@ def test_the_slurm_and_submitit_paths_never_import_ray():
     import subprocess
     import sys
 
-    code = ("import sys, cluster.study, cluster.submit, cluster.slurm_array, cluster.submitit_sweep, cluster.trial; "
+    code = ("import sys, cluster.core.study, cluster.submit, cluster.backends.slurm_array, "
+            "cluster.backends.submitit_sweep, cluster.backends.submitit_job, cluster.core.trial; "
             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -173,7 +174,7 @@ def test_names_that_the_rule_cannot_tell_apart_all_get_a_suffix_from_what_varies
 
 
 def test_a_storage_holding_other_settings_is_refused(tmp_path):
-    from cluster.study import check_storage
+    from cluster.core.study import check_storage
 
     trials = expand("smoke", RunConfig(), str(tmp_path), seeds=[0])
     old = trials[0].replace(**{"optim.lr": 3e-5})
@@ -189,7 +190,7 @@ def test_a_storage_holding_other_settings_is_refused(tmp_path):
 
 def test_a_second_launch_of_the_same_sweep_is_refused_at_once(tmp_path):
     """The Ray sweep holds its storage root: a second launch would run the same trials beside it."""
-    from cluster.ray_sweep import run_sweep
+    from cluster.backends.ray_sweep import run_sweep
     from mtl.lease import Lease, LeaseHeld
 
     trials = expand("smoke", RunConfig(), str(tmp_path), seeds=[0])

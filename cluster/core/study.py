@@ -1,5 +1,6 @@
 """The study, independent of where its trials run: grids expanded into trials with one naming
-rule, whether a trial is finished, the results table, and which trials a batch slot runs.
+rule, the check that a storage holds this study's trials, and which trials a batch slot runs.
+(Whether a trial has ended, and the results table: cluster.core.ending.)
 
 Ray Tune, SLURM job arrays and submitit only place the trials this module lists; none of that
 is imported here, so the SLURM path works on a machine where Ray is not even installed.
@@ -18,24 +19,23 @@ fixed override, by dotted path or bare field name)::
 """
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import itertools
 import json
 import math
 import os
 from collections import Counter
 
+import yaml
+
 from mtl import results as trial_results, storage
-from mtl.config import NON_IDENTITY, CombinerConfig, RunConfig, set_dotted
+from mtl.config import NON_IDENTITY, SEED_MAX, TASK_NAMES, CombinerConfig, RunConfig, set_dotted
 from mtl.errors import ConfigError, kind
-from mtl.monitor import flatten
 
 SIZE_CONTROLS = ("study", "pairing", "none")
 NAME_MAX = 255       # bytes in one file or folder name
-SINGLES = ["sst", "para", "sts"]
-PAIRS = ["sst,para", "sst,sts", "para,sts"]
+SINGLES = list(TASK_NAMES)                                            # sst, para, sts
+PAIRS = [",".join(pair) for pair in itertools.combinations(TASK_NAMES, 2)]   # sst,para  sst,sts  para,sts
 ALPHAS = [round(0.1 * i, 1) for i in range(1, 10)]
 
 
@@ -76,8 +76,6 @@ NAMED = {"pairings": pairings_axes, "weighting": weighting_axes, "smoke": smoke_
 
 
 def yaml_axes(path: str) -> tuple[list[dict], dict]:
-    import yaml
-
     try:
         spec = yaml.safe_load(storage.read_text(path)) or {}
     except yaml.YAMLError as exc:
@@ -124,8 +122,6 @@ def parse_seeds(text: str | None) -> list[int] | None:
         raise ConfigError(f"--seeds: {text!r} is not a comma-separated list of integers") from None
     if not seeds:
         raise ConfigError("--seeds: at least one seed is needed")
-    from mtl.config import SEED_MAX
-
     for seed in seeds:
         if not 0 <= seed <= SEED_MAX:
             raise ConfigError(f"--seeds: {seed} is outside [0, {SEED_MAX}]")
@@ -305,7 +301,7 @@ def check_storage(trials: list[RunConfig]) -> None:
     would be reported as this study's."""
     digests: dict[str, str] = {}          # each data file read once, however many trials read it
     for t in trials:
-        res = read_results(t)
+        res = trial_results.read_or_none(t.out)
         if res is None:
             continue
         changed = RunConfig.from_dict(res["config"]).identity_changes(t)
@@ -313,7 +309,7 @@ def check_storage(trials: list[RunConfig]) -> None:
             raise ConfigError(f"{t.out} holds a trial with other settings ({changed}): rerun the study with "
                               f"its own settings, or use another --storage")
         if res.get("data"):
-            from mtl.data import data_changes, file_digests
+            from mtl.data import data_changes, file_digests     # torch: only where a trial has results
             from mtl.tasks import TASKS
 
             now = file_digests(t.data.data_dir, [TASKS[x] for x in t.data.tasks], cache=digests)
@@ -345,60 +341,6 @@ def _compose_name(cfg: RunConfig, varied: dict) -> str:
 def trial_name(cfg: RunConfig) -> str:
     """A trial's name: the last part of its run folder, given by ``expand``."""
     return cfg.out.rstrip("/").rsplit("/", 1)[-1]
-
-
-# --------------------------------------------------------------------------------------------
-# Done-ness and the results table
-# --------------------------------------------------------------------------------------------
-def is_finished(cfg: RunConfig) -> bool:
-    """Whether the trial ran to an end, done or failed: ``mtl.results.ended``."""
-    return trial_results.ended(cfg.out) is not None
-
-
-def read_results(cfg: RunConfig) -> dict | None:
-    """The trial's results (mtl.results), None when it has none or they are unreadable."""
-    return trial_results.read_or_none(cfg.out)
-
-
-def results_table(trials: list[RunConfig], failures: dict[str, str] | None = None) -> list[dict]:
-    """One row per trial: name, status, the settings that vary across the grid (what the
-    trials compute, never where they ran), best dev metrics.  ``failures`` maps a trial name
-    to why its launcher saw it end unfinished (a failed or cancelled job)."""
-    failures = failures or {}
-    configs = [flatten(t.identity()) for t in trials]
-    varied = sorted(k for k in configs[0] if len({json.dumps(c[k]) for c in configs}) > 1)
-    rows = []
-    for cfg, flat in zip(trials, configs):
-        name = trial_name(cfg)
-        row = {"trial": name, "status": "missing"}
-        row.update({k: _cell(flat[k]) for k in varied})
-        res = read_results(cfg)
-        if res is not None and res.get("status", "done") == "failed":
-            row.update(status="failed", error=res["error"])
-        elif res is not None:
-            row.update(status="done", best_epoch=res["best"].get("epoch"), steps=res["steps"],
-                       wall_time_s=round(res["wall_time_s"], 2), train_time_s=round(res["train_time_s"], 2),
-                       examples_per_s=round(res["examples_per_s"], 2), world_size=res["world_size"],
-                       **{f"examples_per_epoch/{k}": v for k, v in (res.get("examples_per_epoch") or {}).items()},
-                       **{f"dev/{k}": v for k, v in res["best"].get("metrics", {}).items()})
-        elif name in failures:
-            row.update(status="failed", error=failures[name])
-        rows.append(row)
-    return rows
-
-
-def _cell(value):
-    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-
-
-def write_table(storage_root: str, rows: list[dict]) -> None:
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    storage.write_text(storage.join(storage_root, "results.csv"), buf.getvalue())
-    storage.write_text(storage.join(storage_root, "results.json"), json.dumps(rows, indent=2))
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,39 +376,3 @@ def index_ranges(indices: list[int]) -> str:
 
 def _range(run: list[int]) -> str:
     return str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}"
-
-
-# --------------------------------------------------------------------------------------------
-# TensorBoard across trials
-# --------------------------------------------------------------------------------------------
-def write_tensorboard_experiment(trials: list[RunConfig], root: str) -> None:
-    """The HParams dashboard's columns for ``tensorboard --logdir <root>``: the settings that vary
-    across the study (seed, tasks, combiner, alpha, ...) and every dev metric, written as the
-    experiment summary of the root run.  Each trial's tb/ run is one session of it."""
-    import shutil
-    import tempfile
-
-    from torch.utils.tensorboard import SummaryWriter
-    from torch.utils.tensorboard.summary import hparams
-
-    from mtl.monitor import hparam_value
-    from mtl.evaluation import metric_names
-
-    configs = [flatten(t.identity()) for t in trials]
-    varied = sorted(k for k in configs[0] if len({json.dumps(c[k]) for c in configs}) > 1) or ["seed"]
-    values = {k: sorted({hparam_value(c[k]) for c in configs}, key=str) for k in varied}
-    metrics = list(dict.fromkeys(m for t in trials for m in metric_names(t.data.tasks)))
-    discrete = {k: v for k, v in values.items() if all(isinstance(x, (str, bool)) for x in v)}
-    experiment, _, _ = hparams({k: v[0] for k, v in values.items()}, {f"hparam/{m}": 0.0 for m in metrics},
-                               hparam_domain_discrete=discrete)
-    local = root if storage.is_local(root) else tempfile.mkdtemp(prefix="mtl-tb-exp-")
-    # One experiment file: a rerun replaces it rather than adding another beside it.
-    for name in storage.listdir(root):
-        if name.startswith("events.out.tfevents.") and name.endswith(".mtl-experiment"):
-            storage.remove(storage.join(root, name))
-    writer = SummaryWriter(local, filename_suffix=".mtl-experiment")
-    writer.file_writer.add_summary(experiment)
-    writer.close()
-    if local != root:
-        storage.upload_files(local, root)
-        shutil.rmtree(local, ignore_errors=True)

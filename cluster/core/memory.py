@@ -61,9 +61,10 @@ from dataclasses import dataclass
 from mtl.config import RunConfig
 from mtl.errors import ConfigError, MtlError
 
-from cluster.placement import Placement, parse_size
+from cluster.core.placement import Placement, parse_size
+from cluster.core.study import trial_name
 
-log = logging.getLogger("cluster.memory")
+log = logging.getLogger("cluster.core.memory")
 GiB = 1 << 30
 CONTEXT_BYTES = int(0.75 * GiB)
 ALLOCATOR_SLACK = 1.10
@@ -87,6 +88,8 @@ class ModelShape:
 def model_shape(model: str) -> ModelShape:
     """The encoder's size and shape from its config alone: the model is built on the meta device
     (no weights read, no memory; ~0.1-1 s, once per model name and process)."""
+    # torch and transformers (seconds): only where a packing is checked, never in an array task
+    # whose estimates the submitter pinned.
     import torch
     from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
@@ -109,7 +112,7 @@ def model_shape(model: str) -> ModelShape:
 
 def head_params(cfg: RunConfig, hidden: int) -> int:
     """The task heads' parameters: mtl.model's own heads, built on the meta device (no memory)."""
-    import torch
+    import torch                          # as in model_shape: only where a packing is checked
 
     from mtl.model import build_heads
     from mtl.tasks import TASKS
@@ -130,7 +133,7 @@ def estimate_worker(cfg: RunConfig) -> Estimate:
     the CPU.  Raises MemoryUnknown when the model's config cannot be read here."""
     if cfg.device == "cpu":
         return Estimate(0, {})
-    from mtl.tasks import TASKS
+    from mtl.tasks import TASKS           # torch: as in model_shape
 
     shape = model_shape(cfg.model.model)
     p_enc = shape.encoder_params
@@ -220,8 +223,6 @@ def check_gpu(workers: list[tuple[str, int]], capacity: int, source: str, what: 
 
 def estimates(trials: list[RunConfig]) -> dict[str, int] | None:
     """{trial name: one worker's estimate}, or None (logged) where a model's config is unknown."""
-    from cluster.study import trial_name
-
     try:
         return {trial_name(t): estimate_worker(t).total for t in trials}
     except MemoryUnknown as exc:
@@ -244,8 +245,6 @@ def check_ray_packing(trials: list[RunConfig], placement: Placement, gpu_default
     sizes = estimates(on_gpu)
     if sizes is None:
         return
-    from cluster.study import trial_name
-
     workers = sorted(((trial_name(t), sizes[trial_name(t)]) for t in on_gpu for _ in range(t.parallel.workers)),
                      key=lambda w: -w[1])[:per_gpu]
     check_gpu(workers, capacity, source, f"--gpus-per-worker {placement.gpus(gpu_default):g} packs up to",
@@ -257,8 +256,6 @@ def check_ray_packing(trials: list[RunConfig], placement: Placement, gpu_default
 def check_slurm_gpus(packed: dict[str, list[RunConfig]], sizes: dict[str, int], capacity: int, source: str) -> None:
     """SLURM: ``packed`` maps each of a task's GPUs to the trials whose workers it runs (a trial
     once per worker there)."""
-    from cluster.study import trial_name
-
     for gpu, trials in packed.items():
         check_gpu([(trial_name(t), sizes[trial_name(t)]) for t in trials], capacity, source,
                   "--trials-per-task puts", "use a smaller --trials-per-task or a larger --gpus-per-worker")

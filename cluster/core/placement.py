@@ -9,23 +9,26 @@ GPU: Ray admits them through its fractional GPU resource, a SLURM array task run
 ``--trials-per-task`` trials side by side on the GPUs their summed demand rounds up to.  Ray
 counts resources in fixed point (units of 0.0001, ``RESOURCE_UNITS`` per 1), so a fraction must be
 a multiple of 0.0001: then Ray's admission, our concurrency bound and the memory check
-(cluster/memory.py) agree exactly on how many workers share a GPU.  ``--gpu-memory`` gives that
+(cluster/core/memory.py) agree exactly on how many workers share a GPU.  ``--gpu-memory`` gives that
 check the GPU's capacity."""
 from __future__ import annotations
 
 import argparse
 import math
 import re
-from dataclasses import dataclass, field
+from collections.abc import Collection
+from dataclasses import dataclass, field, fields
 
 from mtl.config import RunConfig
 from mtl.errors import ConfigError
+
+from cluster.core.study import trial_name
 
 
 @dataclass
 class Placement:
     cpus_per_worker: float = 1.0
-    gpus_per_worker: float | None = None       # None: the launcher's default (GPU_DEFAULTS)
+    gpus_per_worker: float | None = None       # None: the backend's default (its Backend.gpu_default)
     max_failures: int = 2                      # Ray: restarts of a trial's workers
     partition: str = ""
     time: str = ""                             # SLURM --time: minutes, or [D-]HH:MM[:SS]
@@ -61,6 +64,9 @@ class Placement:
     def memory_check(self) -> bool:
         return self.gpu_memory != "off"
 
+    # ``gpu_default`` below: GPUs per worker where --gpus-per-worker was not given, declared by
+    # each backend once (its Backend.gpu_default) and passed by it; 0 (no GPUs unless asked) when
+    # a caller passes none.
     def gpus(self, default: float) -> float:
         return default if self.gpus_per_worker is None else self.gpus_per_worker
 
@@ -89,21 +95,19 @@ class Placement:
             return
         many = [t for t in trials if t.parallel.workers > 1 and t.device != "cpu"]
         if many:
-            from cluster.study import trial_name
-
             raise ConfigError(f"--gpus-per-worker {g:g}: trial {trial_name(many[0])} has {many[0].parallel.workers} "
                               f"workers, whose ranks could share one GPU (NCCL refuses that): give trials of several "
                               f"workers whole GPUs (--gpus-per-worker 1)")
 
-    def slurm_resources(self, trials: list[RunConfig]) -> tuple[int, int]:
+    def slurm_resources(self, trials: list[RunConfig], gpu_default: float = 0.0) -> tuple[int, int]:
         """(CPUs per task, GPUs) for a SLURM job that runs ``trials`` side by side on one node:
-        their demands summed, then rounded up (fractional GPUs pack).  GPUs default to one per
-        worker (SLURM clusters are GPU clusters)."""
-        needs = [self.demand(t, gpu_default=1.0) for t in trials]
+        their demands summed, then rounded up (fractional GPUs pack)."""
+        needs = [self.demand(t, gpu_default) for t in trials]
         return (max(1, math.ceil(round(sum(c for c, _ in needs), 4))),
                 math.ceil(round(sum(g for _, g in needs), 4)))
 
 
+FLAGS = tuple(f.name for f in fields(Placement))     # each field is one placement flag (see add_flags)
 RESOURCE_UNITS = 10_000     # Ray's fixed point: resource quantities are whole multiples of 0.0001
 
 
@@ -156,21 +160,13 @@ def time_minutes(text: str) -> int:
     return int(a) + (b is not None and int(b) > 0)
 
 
-# Which launchers read each placement flag (None: the generic submit command, which lists all).
-_FLAGS_FOR = {
-    "cpus_per_worker": ("ray", "slurm", "submitit"), "gpus_per_worker": ("ray", "slurm", "submitit"),
-    "max_failures": ("ray",), "partition": ("slurm", "submitit"), "time": ("slurm", "submitit"),
-    "account": ("slurm", "submitit"), "array_parallelism": ("slurm", "submitit"), "trials_per_task": ("slurm",),
-    "gpu_memory": ("ray", "slurm"), "setup": ("slurm", "submitit"), "sbatch_args": ("slurm",),
-}
-
-
-def add_placement_flags(parser: argparse.ArgumentParser, backend: str | None = None) -> None:
-    """The placement flags that ``backend`` reads (all of them for None)."""
+def add_flags(parser: argparse.ArgumentParser, reads: Collection[str] = FLAGS) -> None:
+    """The placement flags whose Placement field is in ``reads``: a backend's ``placement_flags``
+    (cluster.core.backend), all of them by default."""
     g = parser.add_argument_group("placement (where trials run; never part of a trial's identity)")
 
     def flag(dest: str, *names: str, **kw) -> None:
-        if backend is None or backend in _FLAGS_FOR[dest]:
+        if dest in reads:
             g.add_argument(*names, dest=dest, **kw)
 
     flag("cpus_per_worker", "--cpus-per-worker", type=float, default=1.0, help="CPUs each worker reserves (default: 1)")
@@ -191,7 +187,7 @@ def add_placement_flags(parser: argparse.ArgumentParser, backend: str | None = N
               "(default: 1); with --gpus-per-worker 0.25 and 4, one GPU runs four trials")
     flag("gpu_memory", "--gpu-memory", default="", metavar="SIZE",
          help="memory of one GPU, e.g. 80G or 141GiB (binary units, as SLURM's --mem): a packing of several "
-              "workers on one GPU whose estimated peak (cluster/memory.py) exceeds it is refused. Default: "
+              "workers on one GPU whose estimated peak (cluster/core/memory.py) exceeds it is refused. Default: "
               "what nvidia-smi reports where the trials run (a local Ray; a SLURM array task at its start), "
               "no check where unknown; 'off': never check")
     flag("setup", "--setup", action="append", default=[], metavar="LINE",
@@ -202,5 +198,6 @@ def add_placement_flags(parser: argparse.ArgumentParser, backend: str | None = N
 
 
 def placement_from_args(args: argparse.Namespace) -> Placement:
+    """The placement the flags give; a flag the backend does not read keeps its default."""
     defaults = Placement()
-    return Placement(**{name: getattr(args, name, getattr(defaults, name)) for name in _FLAGS_FOR})
+    return Placement(**{name: getattr(args, name, getattr(defaults, name)) for name in FLAGS})

@@ -11,13 +11,19 @@ published checkpoint, which is the one Ray last registered or one step newer."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from mtl import storage
 from mtl.config import RunConfig
-from mtl.dist import DistContext
 from mtl.errors import TrialFailed
 
-from cluster.placement import Placement
+from cluster.core.placement import Placement
+from cluster.core.trial import run_trial
+
+if TYPE_CHECKING:
+    from mtl.dist import DistContext
+
+GPU_DEFAULT = 0.0     # Ray trials train on CPU unless told --gpus-per-worker (the Ray backend's default)
 
 
 def ray_dist_context(device: str = "auto") -> DistContext:
@@ -26,6 +32,8 @@ def ray_dist_context(device: str = "auto") -> DistContext:
     import torch
     import ray.train
     import ray.train.torch
+
+    from mtl.dist import DistContext     # torch: in a Ray worker, never in the launcher's --help
 
     ctx = ray.train.get_context()
     return DistContext(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
@@ -36,8 +44,6 @@ def ray_dist_context(device: str = "auto") -> DistContext:
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint, CheckpointUploadMode
-
-    from cluster.trial import run_trial
 
     cfg = RunConfig.from_dict(config)
     ray_fs = ray.train.get_context().get_storage().storage_filesystem
@@ -59,7 +65,6 @@ def train_loop_per_worker(config: dict) -> None:
         pass    # recorded as failed in results.json; retrying would diverge again
 
 
-
 def fs_path(url: str) -> str:
     """The path Ray's (pyarrow) filesystem knows ``url`` by."""
     return os.path.abspath(url) if storage.is_local(url) else storage.filesystem(url)[1]
@@ -73,9 +78,6 @@ def ray_storage(url: str):
     import pyarrow.fs
 
     return fs_path(url).rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(storage.filesystem(url)[0]))
-
-
-GPU_DEFAULT = 0.0     # Ray trials train on CPU unless told --gpus-per-worker
 
 
 def build_trainer(cfg: RunConfig, placement: Placement | None = None, callbacks: list | None = None):
@@ -106,4 +108,3 @@ def build_trainer(cfg: RunConfig, placement: Placement | None = None, callbacks:
                                 checkpoint_config=CheckpointConfig(num_to_keep=None),
                                 callbacks=callbacks or []),
     )
-

@@ -1,12 +1,13 @@
 """The one entry point through which every launcher runs a trial.
 
-    python -m cluster.trial CONFIG.json        # one worker process (rank from RANK/WORLD_SIZE/...)
+    python -m cluster.core.trial CONFIG.json        # one worker process (rank from RANK/WORLD_SIZE/...)
 
 A finished trial (its ``results.json`` exists: done, or failed because training diverged) is
 never trained again: a requeued or duplicated job returns its results at once.  Anything else
 trains, resuming from the trial's newest checkpoint; a launcher restarting a trial elsewhere
-waits out the lease of a holder that died without releasing it.  As a process it stops cleanly on SIGUSR1/SIGTERM (exit 75 after a
-checkpoint), exits 2 with one line on bad input, and 0 when the trial is done."""
+waits out the lease of a holder that died without releasing it.  As a process it stops cleanly
+on SIGUSR1/SIGTERM (exit 75 after a checkpoint), exits 2 with one line on bad input, and 0 when
+the trial is done."""
 from __future__ import annotations
 
 import argparse
@@ -15,19 +16,23 @@ import logging
 import os
 from typing import TYPE_CHECKING, Callable
 
+from mtl import storage
+from mtl.cli import guarded, print_summary
+from mtl.config import RunConfig
+from mtl.lease import takeover_wait_s
 from mtl.stop import StopSignal
 
+from cluster.core.ending import is_finished, read_results
+
 if TYPE_CHECKING:
-    from mtl.config import RunConfig
     from mtl.dist import DistContext
 
 
-def run_trial(cfg: "RunConfig", dist: "DistContext | None" = None,
+def run_trial(cfg: RunConfig, dist: "DistContext | None" = None,
               on_checkpoint: Callable[[dict], None] | None = None, stop: StopSignal | None = None) -> dict:
-    from mtl.lease import takeover_wait_s
+    # torch and the model (seconds): not at import, so that a worker process installs its signal
+    # handler first (see the end), and the launchers that import this module stay light.
     from mtl.train import train
-
-    from cluster.study import is_finished, read_results
 
     if is_finished(cfg):
         return read_results(cfg)
@@ -36,11 +41,7 @@ def run_trial(cfg: "RunConfig", dist: "DistContext | None" = None,
 
 
 def main(argv: list[str] | None = None, stop: StopSignal | None = None) -> int:
-    from mtl import storage
-    from mtl.cli import guarded, print_summary
-    from mtl.config import RunConfig
-
-    p = argparse.ArgumentParser(prog="python -m cluster.trial", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m cluster.core.trial", description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="the trial's RunConfig as JSON (a file or fsspec URL)")
     args = p.parse_args(argv)
     main_rank = os.environ.get("RANK", "0") == "0"     # the other ranks say only what goes wrong

@@ -9,7 +9,7 @@ builds and fits that trial's TorchTrainer (Ray Train V2's pattern).
 - At the end, ``results.csv`` and ``results.json`` at the storage root hold one row per trial
   (its varied settings and best dev metrics), read from the trials' own results files, so a
   trial is counted exactly once however often the sweep ran.  ``_ray/timings/<trial>.json``
-  records when the trial's driver started and ended (launch/bench_sweep.py reads it).
+  records when the trial's driver started and ended (benchmarks/bench_sweep.py reads it).
 - TensorBoard: each trial's own ``<trial>/tb`` run is the only one.  Ray Tune's automatic
   TensorBoard logger is off (``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1``, with Tune's JSON and CSV
   loggers passed explicitly, which its result grid reads): it wrote a second copy of every trial
@@ -17,7 +17,10 @@ builds and fits that trial's TorchTrainer (Ray Train V2's pattern).
   HParams dashboard.  Copies left by earlier launches are removed at the start of a launch.
 - Fractional GPUs (``--gpus-per-worker 0.25``) pack trials onto a GPU: the budgets admit as many
   as fit (four 1-worker trials per GPU), and a packing whose estimated memory exceeds the GPU's is
-  refused before Ray starts (cluster/memory.py).
+  refused before Ray starts (cluster/core/memory.py).
+
+The Ray library is imported only where a sweep runs: the submit command's ``--help`` and
+``--dry-run`` import this module without it.
 
 Test/dev hook: ``MTL_FAKE_GPUS=N`` makes ``start_local_ray`` declare N GPUs that need not exist
 (Ray's GPUs are logical resources; Ray then hands workers fake CUDA_VISIBLE_DEVICES ids).  It
@@ -25,6 +28,7 @@ lets a CPU machine exercise GPU admission; the trials must run with ``--device c
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
@@ -37,12 +41,34 @@ from mtl.config import RunConfig
 from mtl.errors import MtlError
 from mtl.lease import Lease
 
-from cluster.memory import check_ray_packing
-from cluster.placement import Placement, units
-from cluster.ray_trial import GPU_DEFAULT, ray_storage
-from cluster.study import is_finished, read_results, results_table, trial_name, write_table
+from cluster.backends.ray_trial import GPU_DEFAULT, build_trainer, ray_storage
+from cluster.core.backend import Backend, Flag
+from cluster.core.ending import read_results, record, unfinished
+from cluster.core.memory import check_ray_packing
+from cluster.core.placement import Placement, units
+from cluster.core.study import trial_name
 
-log = logging.getLogger("cluster.ray_sweep")
+log = logging.getLogger("cluster.backends.ray_sweep")
+
+
+class RayBackend(Backend):
+    name = "ray"
+    prog = "launch/ray_submit.py"
+    gpu_default = GPU_DEFAULT
+    placement_flags = frozenset({"cpus_per_worker", "gpus_per_worker", "max_failures", "gpu_memory"})
+    flags = (Flag(("--address",), dict(default=None, help="Ray cluster: 'auto', 'host:port', 'ray://host:port' "
+                                                         "(default: start a local Ray with this machine's CPUs and "
+                                                         "GPUs)")),
+             Flag(("--wait-for-nodes",), dict(type=int, default=0, metavar="N",
+                                              help="with --address: wait (up to 5 minutes) until N nodes have "
+                                                   "joined the cluster")))
+
+    def run(self, trials: list[RunConfig], root: str, placement: Placement,
+            args: argparse.Namespace) -> list[dict]:
+        return run_sweep(trials, root, placement, address=args.address, wait_for_nodes=args.wait_for_nodes)
+
+
+RAY = RayBackend()
 # Admission budgets: a local Ray is started with these custom resources equal to its CPUs and
 # GPUs, and each trial's driver reserves as much of them as its workers will need, so Tune
 # starts exactly the trials whose workers fit - per trial, whatever the grid mixes.
@@ -134,8 +160,6 @@ def _driver(config: dict, trials: dict, placement: Placement, storage_root: str)
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cluster.ray_trial import build_trainer
-
     launched = time.time()
     name = config["trial"]
     cfg = RunConfig.from_dict(trials[name])
@@ -188,8 +212,7 @@ def run_sweep(trials: list[RunConfig], storage_root: str, placement: Placement |
     with Lease(storage_root, "sweep").acquire():
         remove_tune_tensorboard(storage_root)
         failures = _run_todo(trials, storage_root, placement, address, verbose, wait_for_nodes)
-    rows = results_table(trials, failures)
-    write_table(storage_root, rows)
+    rows = record(storage_root, trials, failures)
     log.info("sweep of %d trials done in %.1f s", len(trials), time.perf_counter() - started)
     return rows
 
@@ -201,7 +224,7 @@ def _run_todo(trials: list[RunConfig], storage_root: str, placement: Placement, 
     from ray import tune
     from ray.tune import PlacementGroupFactory
 
-    todo = [t for t in trials if not is_finished(t)]
+    todo = unfinished(trials)
     log.info("%d trials, %d already finished, %d to run", len(trials), len(trials) - len(todo), len(todo))
     if not todo:
         return {}

@@ -13,9 +13,14 @@ one sacct call per poll), ``local`` (each job is a controller subprocess of this
 task per worker; its state is its process's), ``debug`` (each job runs in this process, one after
 the other, while the launcher waits; one worker only).  A job that ends without a result (cancelled,
 killed) is a failed row within seconds, its error otherwise the job's own exception.
+
+submitit (and, through the jobs, torch) is imported in the functions that submit and follow jobs:
+the submit command's ``--help`` and ``--dry-run`` import this module without it.  What a job
+runs is ``submitit_job.TrialJob``.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import os
@@ -24,47 +29,50 @@ import shutil
 import signal
 import time
 from collections import Counter
-
-import submitit
-from submitit.local.debug import DebugJob
+from typing import TYPE_CHECKING
 
 from mtl import storage
 from mtl.config import RunConfig
-from mtl.dist import DistContext
 from mtl.errors import ConfigError
 from mtl.lease import Lease
 
-from cluster.placement import Placement, time_minutes
-from cluster.study import is_finished, results_table, trial_name, write_table
-from cluster.trial import run_trial
+from cluster.backends.slurm_array import ENDED, GPU_DEFAULT as SLURM_GPU_DEFAULT
+from cluster.core.backend import WAIT, Backend, Flag
+from cluster.core.ending import record, unfinished
+from cluster.core.placement import Placement, time_minutes
+from cluster.core.study import trial_name
 
-log = logging.getLogger("cluster.submitit_sweep")
+if TYPE_CHECKING:
+    from submitit.local.debug import DebugJob
+
+log = logging.getLogger("cluster.backends.submitit_sweep")
 DEFAULT_TIME_MIN = 240
 CLUSTERS = ("slurm", "local", "debug")
-# SLURM's ended states (sacct).  A local job has ended when its process has exited.
-ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
+# GPUs per worker without --gpus-per-worker, by executor: SLURM's default on a SLURM cluster,
+# none for the jobs that run on this machine.
+GPU_DEFAULTS = {"slurm": SLURM_GPU_DEFAULT, "local": 0.0, "debug": 0.0}
 # How long a SLURM job that ended without a result file is given for the file to appear (a shared
 # filesystem may show it a moment after the scheduler reports the job ended).  A local job's task
 # writes its result before it exits, on this host: no wait.
 GRACE_S = 3.0
 
 
-class TrialJob(submitit.helpers.Checkpointable):
-    """A trial as a submitit job; every task of a multi-worker job runs it as one rank."""
+class SubmititBackend(Backend):
+    name = "submitit"
+    prog = "launch/submitit_sweep.py"
+    gpu_default = GPU_DEFAULTS["slurm"]      # its executor where sbatch is on PATH; local, debug: GPU_DEFAULTS
+    placement_flags = frozenset({"cpus_per_worker", "gpus_per_worker", "partition", "time", "account",
+                                 "array_parallelism", "setup"})
+    flags = (WAIT, Flag(("--cluster",), dict(choices=CLUSTERS, default=None,
+                                             help="submitit executor: slurm, local (subprocesses) or debug (in this "
+                                                  "process) (default: slurm where sbatch is on PATH, else local)")))
 
-    def __call__(self, config: dict) -> dict:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        cfg = RunConfig.from_dict(config)
-        if submitit.JobEnvironment().num_tasks > 1:
-            # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK for the process group; the GPU is
-            # chosen by local rank (mtl.dist), so CUDA_VISIBLE_DEVICES is left as SLURM set it.
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        results = run_trial(cfg, DistContext.from_env(cfg.device))
-        return {"trial": trial_name(cfg), "steps": results["steps"], "best": results["best"]}
+    def run(self, trials: list[RunConfig], root: str, placement: Placement,
+            args: argparse.Namespace) -> list[dict] | None:
+        return run_submitit(trials, root, placement, cluster=args.cluster, wait=args.wait is not False)
 
-    def checkpoint(self, config: dict) -> submitit.helpers.DelayedSubmission:
-        # Resubmit only: the trial resumes from its own newest checkpoint (see the module doc).
-        return submitit.helpers.DelayedSubmission(self, config)
+
+SUBMITIT = SubmititBackend()
 
 
 def run_submitit(trials: list[RunConfig], root: str, placement: Placement, cluster: str | None = None,
@@ -74,7 +82,7 @@ def run_submitit(trials: list[RunConfig], root: str, placement: Placement, clust
         raise ConfigError("--no-wait: the debug executor runs the trials in this process while it waits "
                           "(use --cluster local or slurm to submit and return)")
     storage.ensure_writable(root)
-    todo = [t for t in trials if not is_finished(t)]
+    todo = unfinished(trials)
     if cluster == "debug":
         check_in_process(todo)
     print(f"{len(trials)} trials: {len(trials) - len(todo)} finished, {len(todo)} to submit "
@@ -82,14 +90,12 @@ def run_submitit(trials: list[RunConfig], root: str, placement: Placement, clust
     if not wait:
         if todo:
             submit(todo, root, placement, cluster)
-        write_table(root, results_table(trials))
+        record(root, trials)
         return None
     # A waiting launch holds the study: a second one would submit the same trials beside it.
     with Lease(root, "sweep").acquire():
         failures = follow(submit(todo, root, placement, cluster), poll_s) if todo else {}
-    rows = results_table(trials, failures)
-    write_table(root, rows)
-    return rows
+    return record(root, trials, failures)
 
 
 def check_in_process(trials: list[RunConfig]) -> None:
@@ -116,6 +122,10 @@ def folder(root: str) -> str:
 
 
 def submit(trials: list[RunConfig], root: str, placement: Placement, cluster: str | None) -> list:
+    import submitit
+
+    from cluster.backends.submitit_job import TrialJob      # submitit and torch: only once jobs are submitted
+
     executor = submitit.AutoExecutor(folder=folder(root), cluster=which_cluster(cluster))
     on_slurm = executor.cluster == "slurm"
     by_workers: dict[int, list[RunConfig]] = {}
@@ -128,7 +138,7 @@ def submit(trials: list[RunConfig], root: str, placement: Placement, cluster: st
                     "mid-epoch redoes that epoch when it is requeued")
     jobs = []
     for workers, group in by_workers.items():
-        gpus = math.ceil(round(workers * placement.gpus(1.0 if on_slurm else 0.0), 4))   # 3 x 0.1 is not 0.3
+        gpus = math.ceil(round(workers * placement.gpus(GPU_DEFAULTS[executor.cluster]), 4))   # 3 x 0.1 is not 0.3
         params = dict(name=f"mtl-{os.path.basename(root.rstrip('/'))}", tasks_per_node=workers,
                       cpus_per_task=max(1, math.ceil(placement.cpus_per_worker)),
                       timeout_min=time_minutes(placement.time) if placement.time else DEFAULT_TIME_MIN)
@@ -155,6 +165,9 @@ def follow(jobs: list, poll_s: float = 2.0) -> dict[str, str]:
     each failed one failed.  A job that ended without a result (cancelled, timed out or killed on
     SLURM; a local job's process killed) is failed within seconds, instead of after submitit's
     fixed wait for a result file.  Debug jobs run here, one after the other."""
+    import submitit
+    from submitit.local.debug import DebugJob
+
     if jobs and isinstance(jobs[0], DebugJob):
         return _follow_in_process(jobs)
     started, last, failures, pending = time.monotonic(), None, {}, list(jobs)
@@ -248,12 +261,16 @@ def _outcome(job) -> tuple[str, str | None]:
 
 
 def _ended(job) -> bool:
+    import submitit
+
     if isinstance(job, submitit.LocalJob):
         return job.get_info()["jobState"] != "RUNNING"      # its process has exited
     return _state(job) in ENDED
 
 
 def _lost_reason(job) -> str:
+    import submitit
+
     if isinstance(job, submitit.LocalJob):
         code = job._process.poll() if job._process is not None else None
         how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 and

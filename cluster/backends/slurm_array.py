@@ -2,11 +2,11 @@
 
 In a job (slurm/sweep.sh execs this)::
 
-    python -m cluster.slurm_array --grid pairings --seeds 0 --storage runs/sweep [mtl.train flags]
+    python -m cluster.backends.slurm_array --grid pairings --seeds 0 --storage runs/sweep [mtl.train flags]
 
 Array task i expands the grid exactly as the submitter did and runs slot i (trial i, or
 trials [i*k, i*k+k) with ``--trials-per-task k``).  A finished trial exits 0 at once.  Each
-trial's workers are child processes (``python -m cluster.trial``; one per data-parallel
+trial's workers are child processes (``python -m cluster.core.trial``; one per data-parallel
 worker, DDP over the task's CPUs or GPUs), and this process relays signals to them:
 
 - SIGUSR1 (``#SBATCH --signal=B:USR1@120``, or ``scancel --batch --signal=USR1``): the trials
@@ -43,14 +43,37 @@ from mtl.rendezvous import free_port
 from mtl.errors import ConfigError, MtlError
 from mtl.stop import EXIT_STOPPED
 
-from cluster.placement import Placement
-from cluster.study import index_ranges, is_finished, results_table, slot_count, slot_trials, trial_name, write_table
+from cluster.core import memory
+from cluster.core.backend import WAIT, Backend, Flag
+from cluster.core.ending import is_finished, record, unfinished
+from cluster.core.flags import add_study_flags, trials_from_args
+from cluster.core.placement import Placement
+from cluster.core.study import index_ranges, slot_count, slot_trials, trial_name
 
-log = logging.getLogger("cluster.slurm_array")
-SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "sweep.sh"
-# sacct/squeue states after which a task will not run again on its own.
+log = logging.getLogger("cluster.backends.slurm_array")
+SCRIPT = Path(__file__).resolve().parents[2] / "slurm" / "sweep.sh"
+# sacct/squeue states after which a job (an array task, a submitit job) will not run again on its
+# own: this backend's and submitit's SLURM executor's one list.
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
          "PREEMPTED", "REVOKED", "SPECIAL_EXIT"}
+GPU_DEFAULT = 1.0     # SLURM clusters are GPU clusters: a GPU per worker unless told --gpus-per-worker
+
+
+class SlurmBackend(Backend):
+    name = "slurm"
+    prog = "launch/slurm_submit.py"
+    gpu_default = GPU_DEFAULT
+    placement_flags = frozenset({"cpus_per_worker", "gpus_per_worker", "partition", "time", "account",
+                                 "array_parallelism", "trials_per_task", "gpu_memory", "setup", "sbatch_args"})
+    flags = (WAIT, Flag(("--script",), dict(default=None,
+                                            help="the sbatch script (default: slurm/sweep.sh of this project)")))
+
+    def run(self, trials: list[RunConfig], root: str, placement: Placement,
+            args: argparse.Namespace) -> list[dict] | None:
+        return submit_array(trials, root, placement, wait=bool(args.wait), script=args.script)
+
+
+SLURM = SlurmBackend()
 
 
 # ============================================================================================
@@ -76,7 +99,7 @@ class TrialProcesses:
                     json.dump(cfg.to_dict(), fh)
                 ports[name] = free_port()
                 self.procs[name] = []
-            self.procs[name].append(subprocess.Popen([sys.executable, "-m", "cluster.trial", path],
+            self.procs[name].append(subprocess.Popen([sys.executable, "-m", "cluster.core.trial", path],
                                                      env=_worker_env(rank, world, ports[name], gpu)))
         if self.signum is not None:
             self.relay(self.signum, None)
@@ -173,8 +196,6 @@ def check_task_memory(todo: list[RunConfig], gpu_memory: str, pinned: dict[str, 
     exceeds its memory (--gpu-memory, else nvidia-smi here).  Costs nothing when every worker has
     its own GPU; otherwise an nvidia-smi call, and (only without estimates pinned by the
     submitter) importing torch and transformers to estimate, seconds."""
-    from cluster import memory
-
     placement = Placement(gpu_memory=gpu_memory)
     packed = shared_gpus(todo, visible_gpus())
     if not packed or not placement.memory_check:
@@ -192,7 +213,7 @@ def check_task_memory(todo: list[RunConfig], gpu_memory: str, pinned: dict[str, 
 
 def run_task(group: list[RunConfig], index: int, early: list[int], gpu_memory: str = "",
              pinned: dict[str, int] | None = None) -> int:
-    todo = [t for t in group if not is_finished(t)]
+    todo = unfinished(group)
     env = os.environ
     print(f"array task {index} (job {env.get('SLURM_ARRAY_JOB_ID', '-')}_{env.get('SLURM_ARRAY_TASK_ID', '-')}, "
           f"id {env.get('SLURM_JOB_ID', '-')}, restart {env.get('SLURM_RESTART_COUNT', '0')}) on "
@@ -230,9 +251,8 @@ def task_main(argv: list[str] | None = None) -> int:
     early: list[int] = []
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: early.append(signum))
-    from cluster.submit import add_study_flags, trials_from_args
-
-    p = argparse.ArgumentParser(prog="python -m cluster.slurm_array", description="Run one array task of a study.")
+    p = argparse.ArgumentParser(prog="python -m cluster.backends.slurm_array",
+                                description="Run one array task of a study.")
     add_study_flags(p, grid_required=False)
     p.add_argument("--trials", default=None, metavar="URL",
                    help="the study's trial list as written by launch/slurm_submit.py (instead of --grid)")
@@ -294,7 +314,7 @@ def submit_array(trials: list[RunConfig], root: str, placement: Placement, wait:
         print(f"submitted job {job}: array {index_ranges(slots)} ({len(slots)} tasks, "
               f"{shape[0]} CPUs and {shape[1]} GPUs each); logs in {_log_dir(root)}", flush=True)
     if not wait:
-        write_table(root, results_table(trials))
+        record(root, trials)
         if jobs:
             print(f"follow: squeue -j {','.join(jobs)}; the same command with --wait follows them and writes "
                   f"the results table when they end")
@@ -305,9 +325,7 @@ def submit_array(trials: list[RunConfig], root: str, placement: Placement, wait:
             if not is_finished(trials[i]):
                 why = "ended without results" if state == "COMPLETED" else state
                 failures[trial_name(trials[i])] = f"SLURM task {job}_{slot} {why} (log {_log_dir(root)})"
-    rows = results_table(trials, failures)
-    write_table(root, rows)
-    return rows
+    return record(root, trials, failures)
 
 
 def packing_estimates(trials: list[RunConfig], placement: Placement) -> dict[str, int] | None:
@@ -315,13 +333,11 @@ def packing_estimates(trials: list[RunConfig], placement: Placement) -> dict[str
     task to check without importing torch), after refusing, when --gpu-memory states the GPU's
     size, a task that cannot fit.  Without --gpu-memory the check waits for the task, which sees
     its GPU (this submit host's GPUs, if any, say nothing about the partition's)."""
-    from cluster import memory
-
     k = placement.trials_per_task
     packs = {}
     for slot in range(slot_count(len(trials), k)):
         group = [trials[i] for i in slot_trials(len(trials), slot, k)]
-        gpus = [str(g) for g in range(placement.slurm_resources(group)[1])]
+        gpus = [str(g) for g in range(placement.slurm_resources(group, GPU_DEFAULT)[1])]
         packs[slot] = shared_gpus(group, gpus)
     involved = list({trial_name(t): t for p in packs.values() for ts in p.values() for t in ts}.values())
     if not involved or not placement.memory_check:
@@ -351,11 +367,6 @@ def pin_trials(trials: list[RunConfig], root: str, per_task: int, estimates: dic
     return url
 
 
-def load_trials(url: str) -> tuple[list[RunConfig], str]:
-    trials, root, _ = load_study(url)
-    return trials, root
-
-
 def load_study(url: str) -> tuple[list[RunConfig], str, dict[str, int] | None]:
     """(trials, storage root, pinned worker-memory estimates or None) from a pinned trial list."""
     try:
@@ -376,7 +387,8 @@ def _by_shape(trials: list[RunConfig], slots: list[int], placement: Placement) -
     shapes = defaultdict(list)
     k = placement.trials_per_task
     for s in slots:
-        shapes[placement.slurm_resources([trials[i] for i in slot_trials(len(trials), s, k)])].append(s)
+        group = [trials[i] for i in slot_trials(len(trials), s, k)]
+        shapes[placement.slurm_resources(group, GPU_DEFAULT)].append(s)
     return dict(shapes)
 
 
