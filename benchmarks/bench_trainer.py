@@ -135,7 +135,7 @@ def _rows_in_plan_order(a):
 def _patch(variant: str) -> None:
     import torch
 
-    import mtl.train as mt
+    import mtl.trainer as mt
     from mtl import strategy as ms
 
     if variant == "nonorm":

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None, backend: str | None = None) -> int:
         check_storage(trials)
         placement = placement_from_args(args)
         placement.check_trials(trials)
-        from mtl.train import check_run
+        from mtl.checks import check_run
 
         for t in trials:
             check_run(t)

@@ -1,18 +1,18 @@
 """Command line for one trial.  Every RunConfig field is a flag (generated, so --help always
-matches the config); a preset fills the starting values."""
+matches the config); a preset fills the starting values.  The command itself is
+mtl.train.main; this module holds what it shares with the launchers (flags, the config from
+them, ``guarded`` exit codes, the summary line) and imports no training code."""
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 from typing import Callable
 
 from mtl import storage
 from mtl.config import MOVED_TO_PLACEMENT, RunConfig, field_docs, set_dotted
 from mtl.errors import ConfigError, MtlError, kind
-from mtl.stop import EXIT_STOPPED, StopSignal, TrialStopped
+from mtl.stop import EXIT_STOPPED, TrialStopped
 from mtl.presets import PRESETS
 
 
@@ -80,25 +80,12 @@ def merge_config(d: dict, loaded: dict, where: str, prefix: str = "") -> None:
             d[key] = value
 
 
-def run_cli(argv: list[str] | None = None) -> int:
+def trial_parser() -> argparse.ArgumentParser:
+    """The flags of one trial's command (``python -m mtl.train``, mtl-train): mtl.train.main."""
     parser = argparse.ArgumentParser(prog="python -m mtl.train", description="Run one multi-task fine-tuning trial.")
     add_config_flags(parser)
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from mtl.train import check_run, train
-
-    def work() -> int:
-        cfg = config_from_args(args)
-        check_run(cfg)
-        if args.print_config:
-            print(json.dumps(cfg.to_dict(), indent=2))
-            return 0
-        results = train(cfg, stop=StopSignal().install())
-        if os.environ.get("RANK", "0") == "0":      # under torchrun, one summary, not one per rank
-            print_summary(cfg, results)
-        return 0
-    return guarded(work)
+    return parser
 
 
 def guarded(work: Callable[[], int]) -> int:

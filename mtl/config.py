@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mtl.errors import ConfigError
+from mtl.monitor import flatten
 
 TASK_NAMES = ("sst", "para", "sts")
 EPOCH_MODES = ("min_size", "max_size", "fixed_n", "proportional", "temperature")
@@ -323,8 +324,6 @@ class RunConfig:
 
     def identity_changes(self, other: "RunConfig") -> str:
         """'' when both compute the same trial, else the settings that differ, as one line."""
-        from mtl.monitor import flatten
-
         a, b = flatten(self.identity()), flatten(other.identity())
         return "; ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k))
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from mtl import storage
-from mtl.config import DEFAULT_DATA, DataConfig, OptimConfig
+from mtl.config import DEFAULT_DATA, DataConfig, OptimConfig, RunConfig
+from mtl.dist import DistContext
 from mtl.errors import DataError, NotFound
 from mtl.tasks import TaskSpec
 
@@ -104,6 +105,14 @@ def read_split(data_dir: str, task: TaskSpec, split: str, on_bad_row: str = "err
     if not labels:
         raise DataError(f"{url}: no usable rows")
     return RawSplit(task.name, url, texts, labels, skipped, hashlib.sha256(raw).hexdigest(), ids)
+
+
+def read_data(cfg: RunConfig, tasks: list[TaskSpec]) -> tuple[dict[str, RawSplit], dict[str, RawSplit]]:
+    """A trial's train and dev splits of every task, with its row limits."""
+    d = cfg.data
+    train = {t.name: read_split(d.data_dir, t, "train", d.on_bad_row, d.max_train_rows) for t in tasks}
+    dev = {t.name: read_split(d.data_dir, t, "dev", d.on_bad_row, d.max_dev_rows) for t in tasks}
+    return train, dev
 
 
 def data_record(splits: list[RawSplit]) -> dict[str, str]:
@@ -257,6 +266,20 @@ def _tokenize(tokenizer, first: list[str], second: list[str] | None, max_length:
     if "token_type_ids" in out:
         types = torch.tensor([t for x in out["token_type_ids"] for t in x], dtype=torch.int8)
     return Segment(tokens, offsets, types)
+
+
+def tokenize_all(cfg: RunConfig, tasks: list[TaskSpec], raw: dict, dist: DistContext, tokenizer) -> dict:
+    """Every task's split encoded with the trial's tokenizer, through the token cache."""
+    cache = cfg.data.cache_dir or storage.join(cfg.out, "token_cache")
+    siamese = cfg.model.pair_encoding == "siamese"
+    encode = lambda t: encode_split(raw[t.name], t, tokenizer, cfg.model.max_length, siamese, cache)  # noqa: E731
+    # Rank 0 fills the cache first so the other ranks load it rather than all tokenizing.
+    if dist.is_main:
+        encoded = {t.name: encode(t) for t in tasks}
+    dist.barrier()
+    if not dist.is_main:
+        encoded = {t.name: encode(t) for t in tasks}
+    return encoded
 
 
 def pad_batch(segment: Segment, index: torch.Tensor, pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:

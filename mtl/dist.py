@@ -45,14 +45,6 @@ class DistContext:
             tensor /= self.world_size
         return tensor
 
-    def average(self, values: dict[str, float]) -> dict[str, float]:
-        """The mean over workers of a few host numbers (a collective and a host sync)."""
-        if not self.distributed:
-            return values
-        t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
-        self.all_reduce_mean(t)
-        return dict(zip(values, t.tolist()))
-
     def all_true(self, flag: bool) -> bool:
         """Whether ``flag`` holds on every rank (a collective): for decisions one rank makes
         alone (rank 0 takes the run folder's lease) that every rank must act on."""

@@ -20,7 +20,10 @@ import sys
 import torch
 
 from mtl import storage
+from mtl.checks import check_device
+from mtl.cli import guarded
 from mtl.data import encode_split, read_split
+from mtl.evaluation import predict, score
 from mtl.export import load_best
 from mtl.strategy import AUTOCAST_DTYPES, autocast
 from mtl.tasks import TASKS
@@ -43,8 +46,6 @@ def evaluate(path: str, split: str, data_dir: str | None = None, out: str | None
              device: str = "cpu") -> dict:
     """Predictions for each of the trial's tasks on ``split``; returns the metrics (empty for an
     unlabelled split) and writes the CSV files to ``out`` (default: <trial>/predictions)."""
-    from mtl.evaluation import predict, score
-
     model, cfg, meta, tokenizer = load_best(path, device)
     data_dir = data_dir or cfg.data.data_dir
     out = out or storage.join(path.rstrip("/").removesuffix("/best"), "predictions")
@@ -63,8 +64,6 @@ def evaluate(path: str, split: str, data_dir: str | None = None, out: str | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mtl.cli import guarded
-
     p = argparse.ArgumentParser(prog="python -m mtl.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("trial", help="a trial's run folder or its best/ folder (any fsspec URL)")
     p.add_argument("--split", default="dev", help="dev, test or train: <task>-<split>.csv in the data folder")
@@ -75,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     def work() -> int:
-        from mtl.train import check_device
-
         check_device(args.device)
         metrics = evaluate(args.trial, args.split, args.data_dir, args.out, args.device)
         print(json.dumps({"split": args.split, "metrics": metrics}))

@@ -22,6 +22,8 @@ import tempfile
 from mtl import storage
 from mtl.config import RunConfig
 from mtl.errors import CheckpointError
+from mtl.model import build_model
+from mtl.tasks import TASKS
 
 ENCODER, HEADS, META, PREDICTIONS = "encoder", "heads.safetensors", "meta.json", "dev_predictions.json"
 
@@ -68,9 +70,6 @@ def read_meta(path: str) -> dict:
 def load_best(path: str, device: str = "cpu"):
     """(model in eval mode, config, meta, tokenizer) of a trial's best weights."""
     from safetensors.torch import load
-
-    from mtl.model import build_model
-    from mtl.tasks import TASKS
 
     folder = best_folder(path)
     meta = read_meta(path)

@@ -271,6 +271,20 @@ class _ModelAndWeights(torch.nn.Module):
         return self.model(batches)
 
 
+class WholeWeights:
+    """The model's whole weights as a checkpoint part, through its strategy: gathered to save
+    (on every rank: a collective under ZeRO 3), loaded into the possibly partitioned model."""
+
+    def __init__(self, strategy: TorchStrategy):
+        self.strategy = strategy
+
+    def state_dict(self) -> dict:
+        return self.strategy.full_state_dict()
+
+    def load_state_dict(self, weights: dict) -> None:
+        self.strategy.load_weights(weights)
+
+
 STRATEGIES = {"ddp": TorchStrategy, "deepspeed": DeepSpeedStrategy}
 
 

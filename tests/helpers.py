@@ -9,7 +9,7 @@ def first_step_gradients(cfg, loss_scale: float = 2.0 ** 8) -> torch.Tensor:
     from mtl.model import build_model, load_tokenizer
     from mtl.strategy import TorchStrategy
     from mtl.tasks import TASKS
-    from mtl.train import read_data
+    from mtl.data import read_data
 
     device = torch.device("cuda" if cfg.device.startswith("cuda") else "cpu")
     tasks = [TASKS[t] for t in cfg.data.tasks]

@@ -106,9 +106,9 @@ def test_a_training_step_syncs_the_host_at_most(make_config, monkeypatch, device
     micro-batch would show up here as more."""
     if device != "cuda":
         pytest.skip("counts CUDA synchronisations")
-    import mtl.train as trainer
+    import mtl.trainer as trainer
 
-    counts, real = [], trainer.train_step
+    counts, real = [], trainer.Trainer.step
 
     def counting(*args, **kwargs):
         with warnings.catch_warnings(record=True) as seen:
@@ -120,7 +120,7 @@ def test_a_training_step_syncs_the_host_at_most(make_config, monkeypatch, device
                 torch.cuda.set_sync_debug_mode("default")
                 counts.append(sum("synchroniz" in str(w.message) for w in seen))
 
-    monkeypatch.setattr(trainer, "train_step", counting)
+    monkeypatch.setattr(trainer.Trainer, "step", counting)
     train(make_config(device=device, precision="bf16", **{"data.tasks": "sst,para", "optim.max_steps": 5,
                                                            "combiner.conflict_every": 0, "optim.grad_accum": 2},
                       **METHODS[method]))

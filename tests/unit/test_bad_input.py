@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mtl.cli import run_cli
+from mtl.train import main as run_cli
 from tests.unit.test_guards import base, run, tree
 
 ROOT = Path(__file__).resolve().parents[2]

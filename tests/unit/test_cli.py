@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from mtl import checkpoint
-from mtl.cli import run_cli
+from mtl.train import main as run_cli
 from mtl.config import field_docs
 
 

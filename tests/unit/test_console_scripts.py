@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-SCRIPTS = {"mtl-train": "mtl.cli:run_cli", "mtl-submit": "cluster.submit:main", "mtl-report": "cluster.report:main",
+SCRIPTS = {"mtl-train": "mtl.train:main", "mtl-submit": "cluster.submit:main", "mtl-report": "cluster.report:main",
            "mtl-evaluate": "mtl.evaluate:main"}
 
 

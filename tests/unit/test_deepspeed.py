@@ -8,7 +8,8 @@ import torch.multiprocessing as mp
 
 from mtl import checkpoint
 from mtl.errors import ConfigError
-from mtl.train import check_run, train
+from mtl.checks import check_run
+from mtl.train import train
 from test_dist import _worker, free_port  # noqa: E402
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cluster.core.ending import results_table
-from mtl.cli import run_cli
+from mtl.train import main as run_cli
 from mtl.config import RunConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

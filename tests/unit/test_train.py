@@ -33,7 +33,7 @@ def test_adamw_is_fused_on_a_cpu_too(make_config):
     from mtl.combine import build_combiner
     from mtl.model import build_model
     from mtl.tasks import TASKS
-    from mtl.train import build_optimizer
+    from mtl.optim import build_optimizer
 
     cfg = make_config(device="cpu")
     model = build_model(cfg.model, [TASKS[t] for t in cfg.data.tasks])
