@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None, backend: str | None = None) -> int:
         check_storage(trials)
         placement = placement_from_args(args)
         placement.check_trials(trials)
-        from mtl.checks import check_run
+        from mtl.checks import check_run   # torch (seconds): only once a study is checked, never for --help
 
         for t in trials:
             check_run(t)

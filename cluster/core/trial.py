@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None, stop: StopSignal | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def work() -> int:
-        from mtl.checks import check_run
+        from mtl.checks import check_run   # torch: in the worker only, not where launchers import this module
 
         cfg = RunConfig.from_dict(json.loads(storage.read_text(args.config)))
         check_run(cfg)
