@@ -14,7 +14,7 @@ Layout under the run folder::
                                          meta.json written last): mtl/export.py
 
 A checkpoint is one folder, so a cluster framework can register that very folder as its own
-checkpoint (Ray Train does; see cluster/ray_trial.py) rather than keep a copy.  A checkpoint
+checkpoint (Ray Train does; see cluster/backends/ray_trial.py) rather than keep a copy.  A checkpoint
 exists once ``latest.json`` names it; ``latest.json`` is replaced in one atomic write, so a
 reader sees the previous checkpoint or the new one, never half of one.
 

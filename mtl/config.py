@@ -229,7 +229,7 @@ class ParallelConfig:
     zero_stage: int = _help("deepspeed: ZeRO stage 0-3 (3 also partitions the weights)", default=0)
     offload_optimizer: bool = _help("deepspeed: keep optimizer state in CPU memory (ZeRO-Offload)", default=False)
     # Only what changes the numbers lives here; where the workers run (CPUs, GPUs, retries,
-    # partition, time) is the launchers' placement (cluster/placement.py), never the trial's.
+    # partition, time) is the launchers' placement (cluster/core/placement.py), never the trial's.
     workers: int = _help("cluster runs: data-parallel workers per trial", default=1)
 
     def __post_init__(self):
@@ -337,7 +337,7 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "com
 
 
 # Placement settings that earlier versions kept in the run configuration: configs saved then
-# (checkpoints, results.json) still load, and the settings are dropped (cluster/placement.py).
+# (checkpoints, results.json) still load, and the settings are dropped (cluster/core/placement.py).
 MOVED_TO_PLACEMENT = {"cpus_per_worker", "gpus_per_worker", "max_failures"}
 
 

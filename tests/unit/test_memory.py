@@ -1,4 +1,4 @@
-"""The GPU memory estimate of one trial's worker (cluster/memory.py) and the check that refuses a
+"""The GPU memory estimate of one trial's worker (cluster/core/memory.py) and the check that refuses a
 packing of workers on one GPU that cannot fit: on Ray (fractional --gpus-per-worker), at SLURM
 submit time (--gpu-memory) and in the array task at its start.  No GPU needed: capacities come
 from --gpu-memory, and nvidia-smi is stubbed where its absence matters."""
