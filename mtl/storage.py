@@ -7,6 +7,7 @@ pointer file last (see mtl.checkpoint).
 """
 from __future__ import annotations
 
+import csv
 import io
 import os
 import posixpath
@@ -92,6 +93,16 @@ def write_bytes(url: str, data: bytes) -> None:
 
 def write_text(url: str, text: str) -> None:
     write_bytes(url, text.encode("utf-8"))
+
+
+def write_csv(url: str, rows: list[dict]) -> None:
+    """Rows as a CSV file (one atomic write), the columns in their first appearance's order:
+    a row may lack some (a task's metrics in another task's trial)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(url, buf.getvalue())
 
 
 def remove(url: str, recursive: bool = False) -> None:

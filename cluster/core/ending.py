@@ -7,8 +7,6 @@ root) has one row per trial, read from the trials' own results files, so a trial
 exactly once however often the study was launched."""
 from __future__ import annotations
 
-import csv
-import io
 import json
 
 from mtl import results as trial_results, storage
@@ -60,12 +58,7 @@ def _cell(value):
 
 
 def write_table(storage_root: str, rows: list[dict]) -> None:
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    storage.write_text(storage.join(storage_root, "results.csv"), buf.getvalue())
+    storage.write_csv(storage.join(storage_root, "results.csv"), rows)
     storage.write_text(storage.join(storage_root, "results.json"), json.dumps(rows, indent=2))
 
 

@@ -1,9 +1,6 @@
 """Writing the report folder: report.md, the CSV tables and the PNG figures, from the sections."""
 from __future__ import annotations
 
-import csv
-import io
-
 from cluster.report import stats
 from cluster.report.comparisons import analyse
 from cluster.report.figures import use_headless_backend
@@ -23,16 +20,6 @@ def write_report(root: str, out: str | None = None, resamples: int = stats.RESAM
         storage.write_bytes(storage.join(out, name), image)
     for name, rows in files.tables.items():
         if rows:
-            storage.write_text(storage.join(out, f"{name}.csv"), csv_text(rows))
+            storage.write_csv(storage.join(out, f"{name}.csv"), rows)
     storage.write_text(storage.join(out, "report.md"), "\n".join(files.md) + "\n")
     return out
-
-
-def csv_text(rows: list[dict]) -> str:
-    """Rows as CSV text, the columns in their first appearance's order (a row may lack some)."""
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
