@@ -141,7 +141,7 @@ def _patch(variant: str) -> None:
     if variant == "nonorm":
         def step(self):
             # As TorchStrategy.step, without the global norm (and its host sync) when
-            # nothing is clipped; the loss check in train_step already guards divergence.
+            # nothing is clipped; the loss check in Trainer.step already guards divergence.
             self.scaler.unscale_(self.optimizer)
             return None, self.apply_step()
         ms.TorchStrategy.step = step
