@@ -201,9 +201,9 @@ def clean(out: str) -> None:
     only writer before it writes."""
     folder = checkpoint_dir(out)
     current = latest(out)
-    newest = current.rstrip("/").rsplit("/", 1)[-1] if current else ""
+    published = current.rstrip("/").rsplit("/", 1)[-1] if current else ""
     for name in storage.listdir(folder):
-        if name.startswith(PREFIX) and name > newest:
+        if name.startswith(PREFIX) and name > published:
             storage.remove(storage.join(folder, name), recursive=True)
     # Only where this library writes (the run folder, best/, checkpoints/ and the published
     # checkpoint, the token cache): a user's own files below --out are never touched.

@@ -62,7 +62,6 @@ def write_table(storage_root: str, rows: list[dict]) -> None:
     storage.write_text(storage.join(storage_root, "results.json"), json.dumps(rows, indent=2))
 
 
-
 # --------------------------------------------------------------------------------------------
 # What each backend does with them
 # --------------------------------------------------------------------------------------------
