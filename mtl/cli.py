@@ -82,10 +82,24 @@ def merge_config(d: dict, loaded: dict, where: str, prefix: str = "") -> None:
 
 def trial_parser() -> argparse.ArgumentParser:
     """The flags of one trial's command (``python -m mtl.train``, mtl-train): mtl.train.main."""
-    parser = argparse.ArgumentParser(prog="python -m mtl.train", description="Run one multi-task fine-tuning trial.")
+    parser = argparse.ArgumentParser(prog="python -m mtl.train", description="Run one multi-task fine-tuning trial.",
+                                     epilog=methods_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(parser)
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     return parser
+
+
+def methods_help() -> str:
+    """Every --combiner method, its cost class and a line on what it does, from the registry."""
+    # Lazy: the registry imports torch, which only this help text needs of it here.
+    from mtl.combine import COMBINERS
+
+    width = max(map(len, COMBINERS))
+    lines = [f"  {name:<{width}}  {'[' + cls.cost + ']':<14}  {(cls.__doc__ or '').strip().splitlines()[0]}"
+             for name, cls in sorted(COMBINERS.items())]
+    return ("loss-combination methods (--combiner), with what a step costs beside addition (one backward per "
+            "micro-batch;\nT backwards: one per task; extra forward: the losses again after the step):\n"
+            + "\n".join(lines))
 
 
 def guarded(work: Callable[[], int]) -> int:

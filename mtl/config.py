@@ -37,6 +37,22 @@ def _require(ok: bool, name: str, message: str) -> None:
         raise ConfigError(f"{name}: {message}")
 
 
+def _floats(value, name: str) -> tuple[float, ...]:
+    """A comma-separated string (the command line) or a sequence, as a tuple of floats."""
+    if isinstance(value, str):
+        try:
+            return tuple(float(w) for w in value.split(",") if w.strip())
+        except ValueError:
+            raise ConfigError(f"{name}: {value!r} is not a comma-separated list of numbers") from None
+    return tuple(float(w) for w in value)
+
+
+# The methods on the tasks' gradients of the shared parameters (mtl.combine.gradients): their
+# settings may scale those gradients first (--alpha/--weights).
+GRADIENT_METHODS = ("pcgrad", "upgrad", "mgda", "cagrad", "nash_mtl", "imtl_g", "aligned_mtl", "dualproj",
+                    "gradvac", "graddrop", "fairgrad", "excess_mtl", "config", "rgw")
+
+
 def _require_finite(section, prefix: str) -> None:
     """Every float setting of a section is a finite number: an infinite eps, weight decay or
     learning rate passes a '> 0' check and then trains nothing (or NaNs) without a word."""
@@ -168,23 +184,51 @@ class OptimConfig:
 class CombinerConfig:
     combiner: str = _help("how task losses combine: see mtl.combine.COMBINERS", default="sum")
     alpha: float = _help("scalarize, two tasks: weight of the first task (canonical order sst,para,sts); "
-                         "the second gets 1-alpha", methods=("scalarize",), default=0.5)
-    weights: tuple[float, ...] = _help("scalarize, any number of tasks: comma-separated weights summing to 1",
-                                       methods=("scalarize",), default=())
+                         "the second gets 1-alpha.  A gradient method: its task gradients scaled by 2*alpha and "
+                         "2*(1-alpha) before it acts (0.5: the plain method)",
+                         methods=("scalarize",) + GRADIENT_METHODS, default=0.5)
+    weights: tuple[float, ...] = _help("scalarize, any number of tasks: comma-separated weights summing to 1.  "
+                                       "A gradient method: task gradient t scaled by T*w_t before it acts",
+                                       methods=("scalarize",) + GRADIENT_METHODS, default=())
 
     pcgrad_reduction: str = _help("pcgrad: add ('sum', a pair's step matches loss addition) or average ('mean') "
                                   "the projected task gradients", methods=("pcgrad",), default="sum")
     pcgrad_on: str = _help("pcgrad: project gradients of the shared 'params' (exact) or of the shared pooled "
                            "'representation' (one encoder backward; an approximation)", methods=("pcgrad",),
                            default="params")
+    pref_vector: tuple[float, ...] = _help("upgrad, dualproj, aligned_mtl, config: comma-separated preference "
+                                           "weights of the aggregated gradients (empty: the method's default)",
+                                           methods=("upgrad", "dualproj", "aligned_mtl", "config"), default=())
+    mgda_epsilon: float = _help("mgda: Frank-Wolfe stops when the weights move less than this",
+                                methods=("mgda",), default=1e-3)
+    cagrad_c: float = _help("cagrad: radius of the ball around the mean gradient, relative to its norm "
+                            "(0: the mean)", methods=("cagrad",), default=0.4)
+    aligned_scale: str = _help("aligned_mtl: scale of the aligned gradients: min|median|rmse of the singular values",
+                               methods=("aligned_mtl",), default="min")
+    gradvac_beta: float = _help("gradvac: EMA rate of the target cosine similarities", methods=("gradvac",),
+                                default=0.5)
+    fairgrad_alpha: float = _help("fairgrad: alpha-fairness exponent (1: proportional fairness)",
+                                  methods=("fairgrad",), default=1.0)
+    nash_every: int = _help("nash_mtl: solve for new weights every N steps (keep the last in between)",
+                            methods=("nash_mtl",), default=1)
+    nash_max_norm: float = _help("nash_mtl: cap on the combined gradient's norm (0: none)", methods=("nash_mtl",),
+                                 default=1.0)
+    excess_step: float = _help("excess_mtl: step size of the exponentiated-gradient weight update",
+                               methods=("excess_mtl",), default=1.0)
+    excess_warmup: int = _help("excess_mtl: steps of uniform weights that set the excess-risk baseline",
+                               methods=("excess_mtl",), default=0)
+    gradnorm_alpha: float = _help("gradnorm: restoring force towards balanced training rates", methods=("gradnorm",),
+                                  default=1.5)
+    dwa_temperature: float = _help("dwa: softmax temperature of the loss-descent rates", methods=("dwa",),
+                                   default=2.0)
     dtp_alpha: float = _help("dtp: weight of the newest KPI in its moving average", methods=("dtp",), default=0.1)
     dtp_gamma: float = _help("dtp: focusing exponent of -(1-kpi)^gamma log(kpi)", methods=("dtp",), default=1.0)
     dtp_kpi: str = _help("dtp: KPI from 'train' batches (every step) or 'dev' evaluation (every eval)",
                          methods=("dtp",), default="train")
-    combiner_lr: float = _help("learning rate of learnable loss weights (uncertainty); 0: the model's",
-                               methods=("uncertainty",), default=1e-3)
-    conflict_every: int = _help("log task-gradient cosines and norms every N steps (every step for pcgrad, "
-                                "which computes them anyway; 0: off)", identity=False, default=50)
+    combiner_lr: float = _help("learning rate of learnable loss weights (uncertainty, imtl_l, gradnorm); "
+                               "0: the model's", methods=("uncertainty", "imtl_l", "gradnorm"), default=1e-3)
+    conflict_every: int = _help("log task-gradient cosines and norms every N steps (every step for gradient "
+                                "methods, which compute them anyway; 0: off)", identity=False, default=50)
 
     def __post_init__(self):
         _require(self.pcgrad_reduction in ("sum", "mean"), "combiner.pcgrad_reduction",
@@ -195,14 +239,20 @@ class CombinerConfig:
         _require(self.dtp_gamma >= 0.0, "combiner.dtp_gamma", "must be >= 0")
         _require(self.dtp_kpi in ("train", "dev"), "combiner.dtp_kpi", f"{self.dtp_kpi!r} is not train|dev")
         _require(self.combiner_lr >= 0.0, "combiner.combiner_lr", "must be >= 0")
+        _require(self.aligned_scale in ("min", "median", "rmse"), "combiner.aligned_scale",
+                 f"{self.aligned_scale!r} is not min|median|rmse")
+        for name in ("mgda_epsilon", "cagrad_c", "fairgrad_alpha", "nash_max_norm", "excess_step", "gradnorm_alpha",
+                     "excess_warmup"):
+            _require(getattr(self, name) >= 0, f"combiner.{name}", "must be >= 0")
+        _require(0.0 < self.gradvac_beta <= 1.0, "combiner.gradvac_beta", f"{self.gradvac_beta} is outside (0, 1]")
+        _require(self.nash_every >= 1, "combiner.nash_every", "must be >= 1")
+        _require(self.dwa_temperature > 0, "combiner.dwa_temperature", "must be > 0")
         _require(self.conflict_every >= 0, "combiner.conflict_every", "must be >= 0")
         _require_finite(self, "combiner.")
-        if isinstance(self.weights, str):
-            try:
-                self.weights = tuple(float(w) for w in self.weights.split(",") if w.strip())
-            except ValueError:
-                raise ConfigError(f"combiner.weights: {self.weights!r} is not a comma-separated list of numbers")
-        self.weights = tuple(float(w) for w in self.weights)
+        self.weights = _floats(self.weights, "combiner.weights")
+        self.pref_vector = _floats(self.pref_vector, "combiner.pref_vector")
+        _require(all(math.isfinite(w) and w >= 0 for w in self.pref_vector), "combiner.pref_vector",
+                 "every weight must be >= 0")
         _require(math.isfinite(self.alpha) and 0.0 <= self.alpha <= 1.0, "combiner.alpha",
                  f"{self.alpha} is outside [0, 1]")
         _require(all(math.isfinite(w) and w >= 0 for w in self.weights), "combiner.weights",
@@ -211,7 +261,7 @@ class CombinerConfig:
                  f"{list(self.weights)} sums to {sum(self.weights):g}, not 1")
         # Both given: which one the method reads would be a silent choice.
         _require(not self.weights or self.alpha == 0.5, "combiner.weights",
-                 f"given with --alpha {self.alpha:g}: scalarize takes one of them (--alpha for a pair, "
+                 f"given with --alpha {self.alpha:g}: the method takes one of them (--alpha for a pair, "
                  "--weights for any number of tasks)")
 
     def unused(self) -> dict[str, tuple[str, ...]]:

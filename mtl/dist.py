@@ -45,6 +45,13 @@ class DistContext:
             tensor /= self.world_size
         return tensor
 
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Rank ``src``'s tensor on every rank, in place (a collective; a no-op alone).  gloo
+        and NCCL both take CPU tensors only on their own devices: the caller keeps it there."""
+        if self.distributed:
+            tdist.broadcast(tensor, src)
+        return tensor
+
     def all_true(self, flag: bool) -> bool:
         """Whether ``flag`` holds on every rank (a collective): for decisions one rank makes
         alone (rank 0 takes the run folder's lease) that every rank must act on."""

@@ -29,7 +29,7 @@ from collections import Counter
 import yaml
 
 from mtl import results as trial_results, storage
-from mtl.config import NON_IDENTITY, SEED_MAX, TASK_NAMES, CombinerConfig, RunConfig, set_dotted
+from mtl.config import GRADIENT_METHODS, NON_IDENTITY, SEED_MAX, TASK_NAMES, CombinerConfig, RunConfig, set_dotted
 from mtl.errors import ConfigError, kind
 
 SIZE_CONTROLS = ("study", "pairing", "none")
@@ -72,7 +72,21 @@ def smoke_axes() -> list[dict]:
             {"data.tasks": "para,sts", "combiner.combiner": "pcgrad", "parallel.workers": 2, "optim.batch_size": 8}]
 
 
-NAMED = {"pairings": pairings_axes, "weighting": weighting_axes, "smoke": smoke_axes}
+def methods_axes() -> list[dict]:
+    """Which combiner?  The single-task baselines, then every method of the registry (with its
+    default settings) on all three tasks together and on each pair.  Scalarize is left out:
+    its weights are a sweep of their own (the pairings grid)."""
+    # Lazy: the registry imports torch, which only this grid needs of it here.
+    from mtl.combine import COMBINERS
+
+    methods = sorted(m for m in COMBINERS if m != "scalarize")
+    trials = [{"data.tasks": t, "combiner.combiner": "sum"} for t in SINGLES]
+    for tasks in [",".join(TASK_NAMES)] + PAIRS:
+        trials += [{"data.tasks": tasks, "combiner.combiner": m} for m in methods]
+    return trials
+
+
+NAMED = {"pairings": pairings_axes, "weighting": weighting_axes, "methods": methods_axes, "smoke": smoke_axes}
 
 
 def yaml_axes(path: str) -> tuple[list[dict], dict]:
@@ -329,6 +343,11 @@ def _compose_name(cfg: RunConfig, varied: dict) -> str:
     parts = ["+".join(cfg.data.tasks), cfg.combiner.combiner]
     if cfg.combiner.combiner == "scalarize" and len(cfg.data.tasks) == 2 and not cfg.combiner.weights:
         parts.append(f"a{cfg.combiner.alpha:g}")
+    elif cfg.combiner.combiner in GRADIENT_METHODS:      # weighted surgery: the gradients' loss weights
+        if cfg.combiner.alpha != 0.5:
+            parts.append(f"a{cfg.combiner.alpha:g}")
+        if cfg.combiner.weights:
+            parts.append("w" + "_".join(f"{w:g}" for w in cfg.combiner.weights))
     for key, value in sorted(varied.items()):
         if key not in SHORT:
             parts.append(f"{key.rsplit('.', 1)[-1]}{value}")

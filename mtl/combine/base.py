@@ -33,6 +33,9 @@ class Combiner(nn.Module):
     # The highest DeepSpeed ZeRO stage whose partitioning the method can work with, and why.
     max_zero_stage: ClassVar[int] = 3
     zero_stage_limit: ClassVar[str] = ""
+    # What a step costs beside loss addition: "one backward" (per micro-batch, like addition),
+    # "T backwards" (one per task: the methods on task gradients) or "extra forward".
+    cost: ClassVar[str] = "one backward"
 
     def __init__(self, tasks: tuple[str, ...], cfg: CombinerConfig):
         super().__init__()

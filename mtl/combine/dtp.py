@@ -19,6 +19,7 @@ KPI_FLOOR = 1e-3   # log(0) would give an infinite weight
 
 @register("dtp")
 class DTP(Combiner):
+    """Dynamic task prioritization (Guo et al. 2018): focal weights on the tasks with the lowest KPIs."""
     def __init__(self, tasks: tuple[str, ...], cfg: CombinerConfig):
         super().__init__(tasks, cfg)
         self.register_buffer("kpi", torch.full((len(tasks),), -1.0, dtype=torch.float64))  # -1: none yet

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from mtl.combine.base import Combiner, register
-from mtl.conflict import gram_of_rows
+from mtl.combine.gradients import GradientCombiner
 from mtl.config import CombinerConfig
 from mtl.errors import ConfigError
 
@@ -59,134 +59,45 @@ def surgery(grads: list[torch.Tensor], generator: torch.Generator) -> tuple[list
     return [(c.to(stacked.device) @ stacked).to(grads[0].dtype) for c in coef], plans
 
 
-class TaskGradients:
-    """Each task's gradient of the shared parameters, as the rows of one (tasks x parameters)
-    buffer, so that averaging over workers is one collective, the Gram matrix one matmul and
-    the weighted sum a few whole-buffer ops: a handful of kernel launches per step, where a
-    loop over parameters launches hundreds (and a host sync per dot product).
-
-    Allocated per step (the caching allocator hands the same block back on a GPU) and freed
-    with the gradients once the optimizer has stepped, so it holds memory only while the
-    per-task gradients exist, as they must for the surgery."""
-
-    def __init__(self, tasks: tuple[str, ...], params: list[torch.nn.Parameter]):
-        self.tasks, self.params = tasks, params
-        sizes = [p.numel() for p in params]
-        dtypes = {p.dtype for p in params}
-        if len(dtypes) != 1:
-            raise ConfigError(f"pcgrad: the shared parameters mix dtypes {sorted(map(str, dtypes))}")
-        self.rows = torch.zeros(len(tasks), sum(sizes), dtype=dtypes.pop(), device=params[0].device)
-        # Per task, the views of its row shaped like each parameter (no copies).
-        self.views = [[v.view_as(p) for v, p in zip(row.split(sizes), params)] for row in self.rows]
-        self.reached = [False] * len(params)     # by any task; None stays None for the optimizer
-        self._seen: set[str] = set()
-
-    def take(self, task: str) -> None:
-        """Add the shared parameters' gradients (this task's alone) to its row and clear them.
-        One fused add over all parameters; a parameter the task never reached adds nothing."""
-        k = [i for i, p in enumerate(self.params) if p.grad is not None]
-        if k:
-            row = self.views[self.tasks.index(task)]
-            torch._foreach_add_([row[i] for i in k], [self.params[i].grad for i in k])
-        for i in k:
-            self.params[i].grad = None
-            self.reached[i] = True
-        self._seen.add(task)
-
-    def seen(self) -> list[str]:
-        return [t for t in self.tasks if t in self._seen]
-
-    def rows_of(self, tasks: list[str]) -> torch.Tensor:
-        if len(tasks) == len(self.tasks):
-            return self.rows
-        return self.rows[[self.tasks.index(t) for t in tasks]]      # a copy; only when a task is missing
-
-    def write_weighted_sum(self, tasks: list[str], weights: list[float]) -> None:
-        """sum_t w_t g_t into the first task's row, in place (the same elementwise operations,
-        in the same order, as a per-parameter loop), handed to the parameters as views."""
-        index = [self.tasks.index(t) for t in tasks]
-        total = self.rows[index[0]].mul_(weights[0])
-        for i, w in zip(index[1:], weights[1:]):
-            total.add_(self.rows[i], alpha=w)
-        for p, v, reached in zip(self.params, self.views[index[0]], self.reached):
-            p.grad = v if reached else None
-
-
 @register("pcgrad")
-class PCGrad(Combiner):
-    needs_all_tasks_per_step = True
-    # Needs every task's full gradient of the shared parameters on each rank: ZeRO 2 and 3
-    # partition gradients, so only stages 0 and 1 keep what the surgery needs.
-    max_zero_stage = 1
-    zero_stage_limit = "needs every task's whole gradient of the shared parameters on each worker"
+class PCGrad(GradientCombiner):
+    """PCGrad (Yu et al. 2020): each task gradient projected off the others where they conflict."""
 
     def __init__(self, tasks: tuple[str, ...], cfg: CombinerConfig):
         super().__init__(tasks, cfg)
         self.on_params = cfg.pcgrad_on == "params"
         self.syncs_gradients_itself = self.on_params
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))   # checkpointed: the shuffle's seed
-        self._grads: TaskGradients | None = None
-        self._gram: tuple[list[str], torch.Tensor] | None = None
-
-    def bind(self, model, dist, seed: int = 0) -> None:
-        super().bind(model, dist, seed)
-        # A plain reference: as a module attribute the model would become part of the combiner.
-        self.__dict__["model"] = model
-        self.shared = model.shared_parameters()
-        shared_ids = {id(p) for p in self.shared}
-        self.task_params = [p for p in model.parameters() if p.requires_grad and id(p) not in shared_ids]
+        if not self.on_params and any(f != 1.0 for f in self.factors.values()):
+            raise ConfigError("combiner.pcgrad_on: loss weights (--alpha/--weights) scale the task gradients of "
+                              "the shared parameters; use pcgrad_on=params")
 
     def _generator(self) -> torch.Generator:
         """The shuffle of each step: from the run's seed and the step, so the same on every rank."""
-        return torch.Generator().manual_seed(self.seed * 7919 + int(self.steps))
-
-    def combine(self, losses: dict[str, torch.Tensor], share: float = 1.0) -> torch.Tensor:
-        return sum(losses.values())
+        return torch.Generator().manual_seed(self.step_seed())
 
     def task_weights(self) -> dict[str, float]:
         w = 1.0 if self.cfg.pcgrad_reduction == "sum" else 1.0 / len(self.task_names)
-        return {t: w for t in self.task_names}
+        return {t: w * self.factors[t] for t in self.task_names}
 
-    # --- params mode -------------------------------------------------------------------------
     def backward(self, losses, backward, share=1.0):
         if not self.on_params:
             return self._representation_backward(losses, backward)
-        if self._grads is None:
-            self._grads = TaskGradients(self.task_names, self.shared)
-        for task, loss in losses.items():
-            backward(loss)
-            self._grads.take(task)
-        return sum(l.detach() for l in losses.values())
+        return super().backward(losses, backward, share)
 
     def before_optimizer_step(self, loss_scale: float = 1.0) -> None:
-        super().before_optimizer_step(loss_scale)
-        if not self.on_params:
-            self.steps += 1
-            return
-        grads, self._grads = self._grads, None
-        if self.dist.distributed:
-            self.dist.all_reduce_mean(grads.rows)        # every task's gradients: one collective
-            for p in self.task_params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                self.dist.all_reduce_mean(p.grad)
-        tasks = grads.seen()
-        gram = gram_of_rows(grads.rows_of(tasks)) / (loss_scale * loss_scale)    # unscaled; a host sync
-        if bool(torch.isfinite(gram).all()):
-            coef, _ = surgery_coefficients(gram, self._generator())
-            weights = coef.sum(0)
-            if self.cfg.pcgrad_reduction == "mean":
-                weights /= len(tasks)
-            self._gram = (tasks, gram)
-        else:
-            # An fp16 overflow: the plain sum carries the inf/NaN on, and the scaler skips the step.
-            weights, self._gram = torch.ones(len(tasks), dtype=torch.float64), None
-        grads.write_weighted_sum(tasks, weights.tolist())   # still carries the loss scale, like every gradient
+        if self.on_params:
+            return super().before_optimizer_step(loss_scale)
+        Combiner.before_optimizer_step(self, loss_scale)
         self.steps += 1
 
-    def task_gram(self):
-        gram, self._gram = self._gram, None
-        return gram
+    def weigh(self, gram, tasks, grads, loss_scale):
+        coef, _ = surgery_coefficients(gram, self._generator())
+        weights = coef.sum(0)
+        return weights / len(tasks) if self.cfg.pcgrad_reduction == "mean" else weights
+
+    def apply(self, grads, tasks, gram, loss_scale):
+        # The surgery's coefficients are exact rationals of G, the same on every rank: no broadcast.
+        grads.write_weighted_sum(tasks, self.weigh(gram, tasks, grads, loss_scale).tolist())
 
     # --- representation mode -----------------------------------------------------------------
     def _representation_backward(self, losses, backward):

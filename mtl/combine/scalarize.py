@@ -11,6 +11,7 @@ from mtl.errors import ConfigError
 
 @register("scalarize")
 class Scalarize(Combiner):
+    """Unitary scalarization: alpha*L1 + (1-alpha)*L2, or fixed weights summing to 1."""
     needs_all_tasks_per_step = True
 
     def __init__(self, tasks: tuple[str, ...], cfg: CombinerConfig):

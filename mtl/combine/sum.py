@@ -8,6 +8,7 @@ from mtl.combine.base import Combiner, register
 
 @register("sum")
 class Sum(Combiner):
+    """Loss addition: the task losses summed (the reference study's baseline)."""
     def combine(self, losses: dict[str, torch.Tensor], share: float = 1.0) -> torch.Tensor:
         return sum(losses.values())
 

@@ -17,6 +17,7 @@ from mtl.tasks import TASKS
 
 @register("uncertainty")
 class Uncertainty(Combiner):
+    """Uncertainty weighting (Kendall et al. 2018): learnable per-task log variances."""
     # ZeRO 3 partitions parameters and gathers them only inside a module's forward; the log
     # variances are read in combine(), after the model's forward.
     max_zero_stage = 2

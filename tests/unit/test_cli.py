@@ -92,6 +92,12 @@ def test_help_documents_every_setting(capsys):
     text = capsys.readouterr().out
     for flag, _, _ in field_docs():
         assert f"--{flag.replace('_', '-')}" in text
+    from mtl.combine import COMBINERS
+    listed = {line.split()[0]: line for line in text.split("loss-combination methods (--combiner)")[1].splitlines()[2:]}
+    assert set(listed) == set(COMBINERS)
+    for name, cls in COMBINERS.items():         # its cost class and a line on what it does
+        assert f"[{cls.cost}]" in listed[name] and len(listed[name].split("]", 1)[1].strip()) > 20
+    assert "[T backwards]" in listed["upgrad"] and "[one backward]" in listed["sum"]
 
 
 def test_presets_resolve_and_flags_override(capsys):

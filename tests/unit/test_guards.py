@@ -122,9 +122,9 @@ def test_a_finished_trial_returns_its_results_and_refuses_other_settings(tiny_mo
 
 @pytest.mark.parametrize("flags, message", [
     (["--device", "cuda"], "error: device: cuda asked for, but this torch ("),
-    (["--combiner", "sum", "--alpha", "0.3"], "error: combiner.alpha: applies to --combiner scalarize, not sum"),
-    (["--combiner", "pcgrad", "--tasks", "sst,para", "--weights", "0.5,0.5"],
-     "error: combiner.weights: applies to --combiner scalarize, not pcgrad"),
+    (["--combiner", "sum", "--alpha", "0.3"], "error: combiner.alpha: applies to --combiner scalarize or pcgrad or upgrad"),
+    (["--combiner", "dtp", "--tasks", "sst,para", "--weights", "0.5,0.5"],
+     "error: combiner.weights: applies to --combiner scalarize or pcgrad or upgrad"),
     (["--epoch-mode", "max_size", "--examples-per-task", "8"],
      "error: data.examples_per_task: applies to --epoch-mode fixed_n or min_size"),
     (["--model", "/nonexistent/encoder"], "error: model.model: /nonexistent/encoder: no such folder"),
@@ -175,7 +175,7 @@ def test_grid_and_data_errors_name_where(tmp_path):
     bad.write_text("axes:\n  tasks: [sst\n  lr: [1]\n")
     with pytest.raises(ConfigError, match=rf"^{bad}:3:\d+: not valid YAML \("):
         expand(str(bad), RunConfig(), "runs/x", seeds=[0])
-    with pytest.raises(ConfigError, match=r"^--grid: 'pairs' is neither a named grid \(pairings, weighting, smoke\) "):
+    with pytest.raises(ConfigError, match=r"^--grid: 'pairs' is neither a named grid \(pairings, weighting, methods, smoke\) "):
         expand("pairs", RunConfig(), "runs/x", seeds=[0])
     bad.write_text("axes:\n  seed: [1, 2]\nfixed:\n  seed: 3\n")
     with pytest.raises(ConfigError, match=rf"^{bad}: seed is both an axis and fixed$"):

@@ -72,6 +72,25 @@ def test_dry_run_lists_trials_and_bad_flags_exit_2(capsys, backend):
     assert capsys.readouterr().err.strip() == "error: --seeds: '0,x' is not a comma-separated list of integers"
 
 
+def test_the_methods_grid_runs_every_method_on_all_three_tasks_and_each_pair(capsys):
+    from mtl.combine import COMBINERS
+
+    assert submit(["--grid", "methods", "--seeds", "0,1,2", "--dry-run", "--storage", "/s"], backend="submitit") == 0
+    names = [line.split("\t")[0].removeprefix("/s/") for line in capsys.readouterr().out.splitlines()[:-1]]
+    methods = sorted(set(COMBINERS) - {"scalarize"})
+    assert len(names) == 3 * (3 + 4 * len(methods)) == len(set(names))
+    for tasks in ("sst+para+sts", "sst+para", "sst+sts", "para+sts"):
+        assert {f"{tasks}-{m}-s2" for m in methods} <= set(names)
+    assert {"sst-sum-s0", "para-sum-s1", "sts-sum-s2"} <= set(names)
+
+
+def test_weighted_surgery_names_its_weights(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("axes:\n  tasks: ['sst,para']\n  combiner: [pcgrad, upgrad]\n  alpha: [0.3, 0.5]\n")
+    names = sorted(c.out.rsplit("/", 1)[-1] for c in expand(str(grid), RunConfig(), "runs/x", seeds=[0]))
+    assert names == ["sst+para-pcgrad-a0.3-s0", "sst+para-pcgrad-s0", "sst+para-upgrad-a0.3-s0", "sst+para-upgrad-s0"]
+
+
 def test_count_sizes_the_array_and_flags_belong_to_their_backend(capsys):
     assert submit(["--backend", "slurm", "--grid", "pairings", "--seeds", "0,1,2", "--count"]) == 0
     assert capsys.readouterr().out.strip() == "108"
