@@ -95,7 +95,7 @@ def methods_help() -> str:
     from mtl.combine import COMBINERS
 
     width = max(map(len, COMBINERS))
-    lines = [f"  {name:<{width}}  {'[' + cls.cost + ']':<14}  {(cls.__doc__ or '').strip().splitlines()[0]}"
+    lines = [f"  {name:<{width}}  {'[' + cls.cost + ']':<15}  {(cls.__doc__ or '').strip().splitlines()[0]}"
              for name, cls in sorted(COMBINERS.items())]
     return ("loss-combination methods (--combiner), with what a step costs beside addition (one backward per "
             "micro-batch;\nT backwards: one per task; extra forward: the losses again after the step):\n"

@@ -219,6 +219,10 @@ class CombinerConfig:
                                methods=("excess_mtl",), default=0)
     gradnorm_alpha: float = _help("gradnorm: restoring force towards balanced training rates", methods=("gradnorm",),
                                   default=1.5)
+    stch_mu: float = _help("stch: smoothing of the max over tasks (smaller: closer to the worst task alone)",
+                           methods=("stch",), default=1.0)
+    famo_lr: float = _help("famo: learning rate of its task logits (its own Adam)", methods=("famo",), default=0.025)
+    famo_decay: float = _help("famo: weight decay of its task logits", methods=("famo",), default=1e-3)
     dwa_temperature: float = _help("dwa: softmax temperature of the loss-descent rates", methods=("dwa",),
                                    default=2.0)
     dtp_alpha: float = _help("dtp: weight of the newest KPI in its moving average", methods=("dtp",), default=0.1)
@@ -247,6 +251,8 @@ class CombinerConfig:
         _require(0.0 < self.gradvac_beta <= 1.0, "combiner.gradvac_beta", f"{self.gradvac_beta} is outside (0, 1]")
         _require(self.nash_every >= 1, "combiner.nash_every", "must be >= 1")
         _require(self.dwa_temperature > 0, "combiner.dwa_temperature", "must be > 0")
+        _require(self.stch_mu > 0, "combiner.stch_mu", "must be > 0")
+        _require(self.famo_lr >= 0 and self.famo_decay >= 0, "combiner.famo_lr", "famo_lr and famo_decay must be >= 0")
         _require(self.conflict_every >= 0, "combiner.conflict_every", "must be >= 0")
         _require_finite(self, "combiner.")
         self.weights = _floats(self.weights, "combiner.weights")

@@ -155,6 +155,7 @@ class Trainer:
                 break
             self.check_leave(lease, stop, saved)
         if self.state.step_in_epoch >= len(plan):
+            self.combiner.end_epoch()
             self.state.epoch += 1
             self.state.step_in_epoch = 0
 
@@ -162,7 +163,8 @@ class Trainer:
         """One optimizer step and its bookkeeping; the checkpoint's folder when one was due."""
         state = self.state
         # Dropout masks are a function of (seed, rank, step): resuming needs no RNG state.
-        torch.manual_seed((self.cfg.seed * 1_000_003 + state.step) * 1009 + self.dist.rank)
+        self.step_seed = (self.cfg.seed * 1_000_003 + state.step) * 1009 + self.dist.rank
+        torch.manual_seed(self.step_seed)
         tick = time.perf_counter()
         every = self.cfg.combiner.conflict_every
         probe = bool(every) and self.strategy.whole_parameters and (state.step + 1) % every == 0
@@ -230,6 +232,7 @@ class Trainer:
                                   f"may help)", number)
         self.combiner.before_optimizer_step(self.strategy.loss_scale())
         grad_norm, stepped = self.strategy.step()
+        self.combiner.after_optimizer_step(lambda: self.step_losses(planned))
         if grad_norm is not None and not math.isfinite(grad_norm) and not self.strategy.skips_overflow:
             raise TrialFailed(f"step {number}: the gradient norm is {grad_norm} with finite losses "
                               f"({', '.join(f'{t} {v:.4g}' for t, v in task_loss.items())}; training diverged)", number)
@@ -249,17 +252,17 @@ class Trainer:
         task_loss: dict[str, torch.Tensor] = {}
         total = None
         probed = None
+        if combiner.uses_step_losses and len(planned.micro) > 1:
+            combiner.see_step_losses(self.step_losses(planned))     # accumulation: an extra forward
         for i, micro in enumerate(planned.micro):
             last = i == len(planned.micro) - 1
-            batches = {t: make_batch(self.train_sets[t], idx, self.cfg.pad_multiple).to(dist.device)
-                       for t, idx in micro.items()}
+            batches = self.batches(micro)
             with strategy.accumulating(last, combiner):
                 with strategy.autocast():
                     outputs = strategy.forward(batches)
-                # Each worker's share of the global mean: summed here, averaged across workers by
-                # DDP, so uneven final batches and any accumulation give the exact global mean.
-                losses = {t: TASKS[t].loss(outputs[t], batches[t].labels).sum()
-                          * (dist.world_size / planned.global_count[t]) for t in batches}
+                losses = self.shares(outputs, batches, planned)
+                if combiner.uses_step_losses and len(planned.micro) == 1:     # the step's losses: one small collective
+                    combiner.see_step_losses(self.global_losses(losses))
                 combiner.observe(outputs, batches)
                 if probe_conflict and i == 0 and len(losses) > 1:
                     probed = probe_gram(losses, self.model.shared_parameters(), dist)
@@ -268,6 +271,40 @@ class Trainer:
             for t, loss in losses.items():
                 task_loss[t] = task_loss[t] + loss.detach().float() if t in task_loss else loss.detach().float()
         return task_loss, total, probed
+
+    def batches(self, micro: dict) -> dict:
+        """One micro-batch of every task in it, padded and on the device."""
+        return {t: make_batch(self.train_sets[t], idx, self.cfg.pad_multiple).to(self.dist.device)
+                for t, idx in micro.items()}
+
+    def shares(self, outputs: dict, batches: dict, planned: Step) -> dict[str, torch.Tensor]:
+        """Each task's loss as this worker's share of the step's global mean: summed here and
+        averaged across workers by DDP, so uneven final batches and any accumulation give the
+        exact global mean."""
+        return {t: TASKS[t].loss(outputs[t], batches[t].labels).sum() * (self.dist.world_size / planned.global_count[t])
+                for t in batches}
+
+    def global_losses(self, shares: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The step's global per-task losses from every worker's summed shares (one collective)."""
+        names = list(shares)
+        values = self.dist.all_reduce_mean(torch.stack([shares[t].detach().float() for t in names]))
+        return dict(zip(names, values))
+
+    def step_losses(self, planned: Step) -> dict[str, torch.Tensor]:
+        """The step's global per-task losses from a forward without gradients over its
+        micro-batches (an extra forward), with the step's own dropout masks (its seed replayed
+        and torch's generators put back after), so they are the losses the step trains on."""
+        devices = [self.dist.device] if self.dist.device.type == "cuda" else []
+        sums: dict[str, torch.Tensor] = {}
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(self.step_seed)
+            for micro in planned.micro:
+                batches = self.batches(micro)
+                with self.strategy.autocast():
+                    outputs = self.strategy.forward(batches)
+                for t, loss in self.shares(outputs, batches, planned).items():
+                    sums[t] = sums[t] + loss.float() if t in sums else loss.float()
+        return self.global_losses(sums)
 
     def record_conflict(self, gram) -> None:
         """Gradient conflict of a step whose task gradients were measured: counted for the

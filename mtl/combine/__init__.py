@@ -1,7 +1,8 @@
 """Loss-combination methods, one module each, chosen by name from the registry."""
 from __future__ import annotations
 
-from mtl.combine import aggregators, dtp, gradnorm, pcgrad, rlw, scalarize, sum, uncertainty  # noqa: F401  (importing registers them)
+from mtl.combine import (aggregators, dtp, dwa, gradnorm, imtl_l, pcgrad, rlw, scalarize, scalarizers, sum,  # noqa: F401
+                         uncertainty)  # importing registers them
 from mtl.combine.base import COMBINERS, Combiner, register
 from mtl.config import CombinerConfig
 from mtl.errors import ConfigError

@@ -9,6 +9,13 @@ and then once, after the last micro-batch and before the optimizer step:
 
     combiner.before_optimizer_step(loss_scale)           # e.g. PCGrad's surgery
 
+A method whose combination is not linear in the step's losses (a geometric mean, a
+log-sum-exp) declares ``uses_step_losses``: before the first backward the trainer hands it the
+step's global per-task losses (``see_step_losses``), so it weighs every micro-batch on every
+worker by the same numbers; after the optimizer step, ``after_optimizer_step`` may ask for the
+losses again on the same batches (FAMO; an extra forward).  ``end_epoch`` follows each
+complete epoch (DWA's loss history).
+
 ``losses`` holds each task's loss as this worker's share of the step's global mean (they
 add up, over micro-batches and averaged over workers, to the mean over the whole step),
 so a combiner that is linear in the losses is exact under accumulation and DDP.  ``share``
@@ -36,6 +43,8 @@ class Combiner(nn.Module):
     # What a step costs beside loss addition: "one backward" (per micro-batch, like addition),
     # "T backwards" (one per task: the methods on task gradients) or "extra forward".
     cost: ClassVar[str] = "one backward"
+    # The combination depends on the whole step's losses (not linear in them): see_step_losses.
+    uses_step_losses: ClassVar[bool] = False
 
     def __init__(self, tasks: tuple[str, ...], cfg: CombinerConfig):
         super().__init__()
@@ -73,6 +82,16 @@ class Combiner(nn.Module):
 
     def after_evaluation(self, metrics: dict[str, float]) -> None:
         """Sees the dev metrics after each evaluation (identical on every worker)."""
+
+    def see_step_losses(self, losses: dict[str, torch.Tensor]) -> None:
+        """With ``uses_step_losses``: the step's global per-task losses, before any backward."""
+
+    def after_optimizer_step(self, recompute: Callable[[], dict[str, torch.Tensor]]) -> None:
+        """After the optimizer step; ``recompute()`` gives the step's global losses on the same
+        batches with the updated weights (an extra forward without gradients, only if called)."""
+
+    def end_epoch(self) -> None:
+        """After each complete epoch."""
 
     def task_gram(self) -> tuple[list[str], torch.Tensor] | None:
         """(tasks, Gram matrix of their gradients of the shared parameters) from the last step,

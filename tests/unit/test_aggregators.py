@@ -19,7 +19,8 @@ from mtl.dist import DistContext
 from mtl.errors import ConfigError
 
 TASKS = ("sst", "para", "sts")
-NEW = sorted(set(GRADIENT_METHODS) - {"pcgrad"}) + ["gradnorm", "rlw"]
+LOSS_ONLY = ["rlw", "dwa", "imtl_l", "geomean", "stch", "famo"]
+NEW = sorted(set(GRADIENT_METHODS) - {"pcgrad"}) + ["gradnorm"] + LOSS_ONLY
 
 
 def weights_on(rows: torch.Tensor, name: str, tasks=TASKS, **settings):
@@ -169,6 +170,58 @@ def test_every_gradient_method_gives_finite_weights_and_alpha_one_half_is_the_pl
         assert torch.equal(same, plain)
 
 
+# --- the loss-only methods, from their definitions ---------------------------------------------
+STEP = {"sst": torch.tensor(0.5), "para": torch.tensor(2.0), "sts": torch.tensor(4.0)}
+
+
+def _weights_from_step_losses(name, **settings):
+    c = COMBINERS[name](TASKS, CombinerConfig(combiner=name, **settings))
+    c.see_step_losses(STEP)
+    return torch.tensor([c.task_weights()[t] for t in TASKS], dtype=torch.float64), c
+
+
+def test_geometric_mean_weighs_each_loss_by_the_mean_over_t_times_itself():
+    w, _ = _weights_from_step_losses("geomean")
+    values = torch.tensor([0.5, 2.0, 4.0], dtype=torch.float64)
+    assert torch.allclose(w, values.prod() ** (1 / 3) / (3 * values))
+
+
+def test_stch_weights_are_a_softmax_focused_on_the_worst_task():
+    w, _ = _weights_from_step_losses("stch", stch_mu=0.5)
+    values = torch.tensor([0.5, 2.0, 4.0], dtype=torch.float64)
+    assert torch.allclose(w, torch.softmax(values / (3 * 0.5), 0) / 3)
+    assert w.argmax() == 2
+
+
+def test_famo_starts_at_the_inverse_loss_weights_and_favours_the_task_that_fell_least():
+    w, c = _weights_from_step_losses("famo")
+    inverse = 1 / torch.tensor([0.5, 2.0, 4.0], dtype=torch.float64)
+    assert torch.allclose(w, inverse / inverse.sum())          # c * z / l with z uniform
+    c.after_optimizer_step(lambda: {"sst": torch.tensor(0.25), "para": torch.tensor(1.9), "sts": torch.tensor(3.9)})
+    z = torch.softmax(c.method._w.detach(), 0)
+    assert z[0] < 1 / 3 < z[1] and z[0] < z[2]                  # sst halved: it gets less
+
+
+def test_dwa_weights_from_the_last_two_epoch_means_by_hand():
+    c = COMBINERS["dwa"](TASKS, CombinerConfig(combiner="dwa", dwa_temperature=2.0))
+    means = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 2.0, 3.3])]
+    for epoch, m in enumerate(means):
+        assert c.task_weights() == {t: 1.0 for t in TASKS}      # equal for the first two epochs
+        for _ in range(2):                                     # two steps an epoch, the same losses
+            c.combine(dict(zip(TASKS, m)))
+            c.before_optimizer_step()
+        c.end_epoch()
+    rates = means[1].double() / means[0].double()
+    expected = 3 * torch.softmax(rates / 2.0, 0)
+    assert torch.allclose(torch.tensor([c.task_weights()[t] for t in TASKS], dtype=torch.float64), expected)
+
+
+def test_imtl_l_drives_each_scaled_loss_towards_one():
+    c = COMBINERS["imtl_l"](TASKS, CombinerConfig(combiner="imtl_l"))
+    c.combine(dict(STEP), share=1.0).backward()
+    assert torch.allclose(c.log_scale.grad, torch.tensor([0.5 - 1, 2.0 - 1, 4.0 - 1]))   # d/ds (e^s L - s) at s = 0
+
+
 # --- refusals ------------------------------------------------------------------------------
 def test_a_method_whose_solver_is_missing_is_refused_naming_the_extra(monkeypatch):
     real = aggregators.find_spec
@@ -246,6 +299,8 @@ def _train(name, x, y, micro=1, dist=None, rank=0, precision="fp32", state=None,
         if dist.distributed:
             half = len(xs) // dist.world_size
             xs, ys = xs[rank * half:(rank + 1) * half], ys[rank * half:(rank + 1) * half]
+        if c.uses_step_losses:
+            c.see_step_losses(_global_losses(model, xs, ys, len(x[s]), dist))
         for xm, ym in zip(xs.chunk(micro), ys.chunk(micro)):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 losses = model.losses(xm, ym, len(x[s]), dist.world_size)
@@ -256,7 +311,17 @@ def _train(name, x, y, micro=1, dist=None, rank=0, precision="fp32", state=None,
         c.before_optimizer_step(1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        c.after_optimizer_step(lambda: _global_losses(model, xs, ys, len(x[s]), dist))
+        c.end_epoch()           # an epoch a step, so DWA's weights move within three
     return model, c, opt
+
+
+def _global_losses(model, xs, ys, total, dist):
+    """The step's global losses, as the trainer hands them (a forward without gradients)."""
+    with torch.no_grad():
+        losses = model.losses(xs, ys, total, dist.world_size)
+    values = dist.all_reduce_mean(torch.stack([losses[t] for t in TASKS]))
+    return dict(zip(TASKS, values))
 
 
 def _flat(model):
@@ -325,7 +390,7 @@ def test_the_stateful_methods_train_and_checkpoint_their_state_through_the_train
     from mtl import checkpoint
     from mtl.train import train
 
-    for name in ("gradvac", "nash_mtl", "excess_mtl", "gradnorm", "rlw", "upgrad"):    # with state, and one without
+    for name in ("gradvac", "nash_mtl", "excess_mtl", "gradnorm", "rlw", "famo", "upgrad"):   # with state; one without
         cfg = make_config(out=str(tmp_path / name), **{"data.tasks": "sst,para,sts", "data.max_train_rows": 12,
                                                         "combiner.combiner": name, "optim.max_steps": 2})
         results = train(cfg)
@@ -333,7 +398,32 @@ def test_the_stateful_methods_train_and_checkpoint_their_state_through_the_train
         state = checkpoint.load(checkpoint.latest(cfg.out))["combiner"]
         fresh = build_combiner(cfg.combiner, cfg.data.tasks, False)
         fresh.load_state_dict(state)
-        assert int(state["steps"]) == 2
+        assert int(state["steps"]) == 2 if name != "famo" else state["_extra_state"]["adam"]["state"][0]["step"] == 2
         for key, value in fresh.state_dict().items():
             if isinstance(value, torch.Tensor):
                 assert torch.equal(value, state[key]), (name, key)
+
+
+def test_the_step_losses_a_method_sees_are_the_ones_the_step_trains_on_dropout_and_accumulation_included(
+        make_config, tmp_path, monkeypatch):
+    # Under --grad-accum the trainer finds the step's losses by a forward without gradients
+    # first: with the step's dropout masks replayed they equal the training forward's own.
+    from mtl.combine.scalarizers import GeometricMean
+    from mtl.train import train
+    from mtl.trainer import Trainer
+
+    seen, trained = [], []
+    see = GeometricMean.see_step_losses
+    monkeypatch.setattr(GeometricMean, "see_step_losses", lambda self, losses: (
+        seen.append({t: float(v) for t, v in losses.items()}), see(self, losses))[1])
+    record = Trainer.record_step
+    monkeypatch.setattr(Trainer, "record_step", lambda self, planned, stats, tick: (
+        trained.append({t: stats[f"loss/{t}"] for t in self.cfg.data.tasks}), record(self, planned, stats, tick))[1])
+    cfg = make_config(**{"data.tasks": "sst,para,sts", "data.max_train_rows": 24, "combiner.combiner": "geomean",
+                         "optim.grad_accum": 2, "optim.batch_size": 4, "model.dropout": 0.3,
+                         "model.encoder_dropout": 0.3, "optim.max_steps": 3})
+    train(cfg)
+    assert len(seen) == len(trained) == 3
+    for a, b in zip(seen, trained):
+        assert all(abs(a[t] - b[t]) < 1e-6 * max(1.0, abs(b[t])) for t in a), (a, b)
+    assert seen[0] != seen[1]

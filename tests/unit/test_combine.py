@@ -9,7 +9,7 @@ L = {"sst": torch.tensor(2.0), "para": torch.tensor(3.0), "sts": torch.tensor(5.
 
 
 def test_registry_has_the_field_s_methods():
-    assert sorted(COMBINERS) == sorted(["dtp", "pcgrad", "scalarize", "sum", "uncertainty", "upgrad", "mgda", "cagrad", "nash_mtl", "imtl_g", "aligned_mtl", "dualproj", "gradvac", "graddrop", "fairgrad", "excess_mtl", "config", "rgw", "gradnorm", "rlw"])
+    assert sorted(COMBINERS) == sorted(["dtp", "pcgrad", "scalarize", "sum", "uncertainty", "upgrad", "mgda", "cagrad", "nash_mtl", "imtl_g", "aligned_mtl", "dualproj", "gradvac", "graddrop", "fairgrad", "excess_mtl", "config", "rgw", "gradnorm", "rlw", "dwa", "imtl_l", "geomean", "stch", "famo"])
     assert all(cls.name == name for name, cls in COMBINERS.items())
 
 
