@@ -355,6 +355,7 @@ class RunConfig:
         d = dataclasses.asdict(self)
         d["data"]["tasks"] = list(self.data.tasks)
         d["combiner"]["weights"] = list(self.combiner.weights)
+        d["combiner"]["pref_vector"] = list(self.combiner.pref_vector)
         return d
 
     @classmethod

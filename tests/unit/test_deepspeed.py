@@ -40,6 +40,10 @@ def test_pcgrad_is_refused_at_start_up_where_zero_partitions_gradients(make_conf
     cfg = make_config(**{"combiner.combiner": "pcgrad", "parallel.strategy": "deepspeed", "parallel.zero_stage": 2})
     with pytest.raises(ConfigError, match=r"^parallel.zero_stage: pcgrad needs every task's whole gradient.*stage 2"):
         check_run(cfg)
+    for method in ("upgrad", "gradnorm", "graddrop"):      # every method on the task gradients
+        cfg = make_config(**{"combiner.combiner": method, "parallel.strategy": "deepspeed", "parallel.zero_stage": 2})
+        with pytest.raises(ConfigError, match=rf"^parallel.zero_stage: {method} needs every task's whole gradient"):
+            check_run(cfg)
     cfg = make_config(**{"combiner.combiner": "uncertainty", "parallel.strategy": "deepspeed", "parallel.zero_stage": 3})
     with pytest.raises(ConfigError, match=r"^parallel.zero_stage: uncertainty reads its learnable loss weights outside "
                                           r"the model's forward, which ZeRO stage 3 partitions \(use --zero-stage 2"):

@@ -185,6 +185,14 @@ def test_pcgrad_under_mixed_precision(make_config, precision, pcgrad_on):
     assert res["steps"] == 5 and all(v == v for v in res["best"]["metrics"].values())
 
 
+@pytest.mark.parametrize("method", ["excess_mtl", "famo"])
+def test_methods_that_read_gradients_or_losses_whole_under_fp16(make_config, method):
+    # ExcessMTL reads the T x P gradients themselves (unscaled first), FAMO the step's losses twice.
+    res = train(make_config(precision="fp16", **{"data.tasks": "sst,sts", "optim.max_steps": 4,
+                                                 "combiner.combiner": method}))
+    assert res["steps"] == 4 and all(v == v for v in res["best"]["metrics"].values())
+
+
 def test_gradient_conflict_is_logged_every_step_for_pcgrad_and_every_k_otherwise(make_config, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
