@@ -1,6 +1,10 @@
 """Cost accounting: each trial's results.json records its mean step time, peak memory and the
-backward passes it ran per step (counted); the results table carries them."""
+backward passes it ran per step (counted); the results table carries them; the method benchmark
+prints one row per method with addition's ratio 1.00."""
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +13,7 @@ from mtl.combine import COMBINERS
 from mtl.cost import DEFAULT_COST, cost_class, expected_backwards
 from mtl.train import train
 
+ROOT = Path(__file__).resolve().parents[2]
 TASKS = "sst,para,sts"
 
 
@@ -53,3 +58,20 @@ def test_the_results_table_has_the_cost_and_old_results_leave_it_empty(make_conf
     assert first["status"] == second["status"] == "done"
     assert first["step_time_s"] > 0 and first["backwards_per_step"] == 1 and first["peak_memory_kind"] == "cpu_rss"
     assert second["step_time_s"] is None and second["peak_memory_mb"] is None
+
+
+def test_the_method_benchmark_prints_a_row_per_method(tiny_model_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "benchmarks/bench_methods.py", "--model", tiny_model_dir, "--steps", "2",
+                           "--warmup-steps", "0", "--methods", "sum,pcgrad", "--max-length", "32", "--markdown",
+                           "--cache", str(tmp_path / "cache")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [[c.strip() for c in line.strip().strip("|").split("|")] for line in done.stdout.splitlines()
+             if line.startswith("| ")]
+    head, rows = lines[0], {cells[0]: dict(zip(lines[0], cells)) for cells in lines[1:]}
+    assert head[0] == "method" and list(rows) == ["sum", "pcgrad"], done.stdout
+    assert rows["sum"]["step time vs sum"] == "1.00" and rows["sum"]["peak memory vs sum"] == "1.00"
+    # Counted, not assumed: one backward per step for addition, one per task (3) for PCGrad.
+    assert rows["sum"]["backwards/step"] == "1" and rows["pcgrad"]["backwards/step"] == "3"
+    assert float(rows["pcgrad"]["step time vs sum"]) > 0 and float(rows["pcgrad"]["step ms"]) > 0
