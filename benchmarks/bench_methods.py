@@ -2,9 +2,10 @@
 the backward passes it runs per optimizer step (counted), and its step time and peak memory
 relative to loss addition's, measured in the same run.
 
-    .venv/bin/python benchmarks/bench_methods.py                    # embedded MiniLM, sst,para,sts, CPU (~2 min)
+    .venv/bin/python benchmarks/bench_methods.py                    # embedded MiniLM, sst,para,sts, CPU
     .venv/bin/python benchmarks/bench_methods.py --device cuda --precision bf16 --model bert-base-uncased --markdown
     .venv/bin/python benchmarks/bench_methods.py --methods sum,pcgrad --steps 20 --rounds 3
+    .venv/bin/python benchmarks/bench_methods.py --threads 1        # a CPU someone else is using too
 
 Every method of ``mtl.combine.COMBINERS`` runs with its default settings (scalarize, whose defaults
 weigh a pair, gets equal weights over three tasks) through the real trial path, ``mtl.train.train``
@@ -17,6 +18,12 @@ warm-up trial in the same process.  Backward passes are counted by wrapping the 
 ``backward`` here, independently of the trial's own count, and checked against it.  A method
 that needs a package missing here (an optional solver) or refuses these settings is listed as
 skipped, with the reason.
+
+On a CPU another process is using, ``--threads 1`` steadies the ratios: torch's threads stall
+whenever the other process holds a core (measured on the 2-core machine under another user's
+tests: the same step took 1.2 to 9.4 s across methods with 2 threads, 1.8 to 2.5 s with 1; the
+default run took 7 min 20 s and 3 min 30 s).  Idle, a step of the three tasks is ~0.75 s (NOTES:
+0.5 s for two), so the default run should take about 2 minutes idle (estimated, not measured).
 """
 from __future__ import annotations
 
@@ -54,10 +61,14 @@ def count_backwards() -> list[int]:
 
 
 def worker(a) -> dict:
+    import torch
+
     from mtl.config import RunConfig
     from mtl.errors import MtlError
     from mtl.train import train
 
+    if a.threads:
+        torch.set_num_threads(a.threads)
     calls = count_backwards()
     # Each trial leaves its best weights (87 MB for MiniLM): removed with the folder below.
     tmp = tempfile.mkdtemp(prefix=f"mtl-bench-methods-{a.worker}-")
@@ -84,7 +95,7 @@ def worker(a) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"step_s": res["step_time_s"], "peak_mb": res["peak_memory_mb"], "kind": res["peak_memory_kind"],
             "backwards": calls[0] / res["steps"], "recorded": res["backwards_per_step"],
-            "cost_class": res["cost_class"], "note": res.get("cost_note")}
+            "cost_class": res["cost_class"], "note": res.get("cost_note"), "threads": torch.get_num_threads()}
 
 
 def run_all(a, methods: list[str]) -> dict[str, list[dict]]:
@@ -166,6 +177,7 @@ def parse(argv=None):
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--threads", type=int, default=0, help="torch's CPU threads in each trial (default: torch's own)")
     p.add_argument("--data-dir", default=DEFAULT_DATA)
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -189,10 +201,8 @@ def main() -> None:
     if "skipped" in runs["sum"][0]:
         raise SystemExit(f"sum, the reference, did not run: {runs['sum'][0]['skipped']}")
     rows, notes = table_rows(runs, len(a.tasks.split(",")), 1)
-    import torch
-
     print(f"model={a.model} tasks={a.tasks} batch={a.batch_size} steps={a.steps} rounds={a.rounds} device={a.device} "
-          f"precision={a.precision} threads={torch.get_num_threads()} peak={runs['sum'][0]['kind']}")
+          f"precision={a.precision} threads={runs['sum'][0]['threads']} peak={runs['sum'][0]['kind']}")
     print(render(rows, a.markdown))
     for note in notes:
         print(f"note: {note}")
