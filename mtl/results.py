@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 DONE_KEYS = {"config": dict, "best": dict, "steps": int, "wall_time_s": (int, float), "train_time_s": (int, float),
              "examples_per_s": (int, float), "world_size": int}
 FAILED_KEYS = {"config": dict, "error": str}
+# What a trial's steps cost (mtl.cost): written by trials since issue 17, so results written
+# before lack them and no reader may require them (the results table and the report say n/a).
+COST_KEYS = ("step_time_s", "peak_memory_mb", "peak_memory_kind", "backwards_per_step", "cost_class", "cost_note")
 
 
 class UnreadableResults(MtlError):

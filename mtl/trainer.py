@@ -25,6 +25,7 @@ from mtl.checkpoint import CheckpointManager
 from mtl.combine import Combiner
 from mtl.config import RunConfig
 from mtl.conflict import conflict_stats, probe_gram
+from mtl.cost import NOTES, StepCosts, cost_class
 from mtl.data import MultiTaskSampler, Step, make_batch, tokenize_all
 from mtl.dist import DistContext
 from mtl.errors import TrialFailed
@@ -59,6 +60,14 @@ class TrainState:
     conflict_steps: int = 0       # steps whose task gradients conflicted, of those measured
     measured_steps: int = 0
     cos_sums: dict = field(default_factory=dict)   # task pair -> sum of its gradients' cosines, measured steps
+    # What the steps cost (mtl.cost), summed over every session of a resumed trial:
+    step_time_sum_s: float = 0.0  # wall time inside step(), over the steps that did not probe conflict
+    timed_steps: int = 0
+    probed_time_sum_s: float = 0.0   # and over those that did
+    probed_steps: int = 0
+    backwards: int = 0            # the strategy's backward passes, counted
+    counted_steps: int = 0        # steps whose backward passes were counted
+    peak_memory_mb: float = 0.0   # the highest peak of the sessions checkpointed so far
 
     def state_dict(self) -> dict:
         return vars(self).copy()
@@ -102,6 +111,7 @@ class Trainer:
         self.bar = progress_bar(self.total_steps, self.state.step, cfg.progress, dist.is_main,
                                 f"{'+'.join(cfg.data.tasks)}")
         self.wall_before = self.state.wall_time_s
+        self.costs = StepCosts(dist.device)
 
     def build(self) -> None:
         """Model, combiner, sampler, optimizer, schedule and strategy, in the order that fixes
@@ -139,6 +149,7 @@ class Trainer:
         """Train to the end, checkpointing as configured; returns the results, written to the
         run folder.  Between steps, a lost lease or a stop request ends it (``check_leave``)."""
         self.model.train()
+        self.costs.start()
         while self.state.epoch < self.cfg.optim.epochs and not self.reached_max_steps():
             self.run_epoch(lease, stop)
             self.end_epoch()
@@ -174,6 +185,7 @@ class Trainer:
             self.sink.end_session(ok=False)
             self.sink.close()
             raise
+        self.record_cost(tick, probed=probe and len(planned.micro[0]) > 1)   # as forward_backward decides
         self.record_conflict(gram)
         self.record_step(planned, stats, tick)
         # Throughput counts the whole step loop but checkpoint writes (storage, not training).
@@ -252,6 +264,7 @@ class Trainer:
         task_loss: dict[str, torch.Tensor] = {}
         total = None
         probed = None
+        backward = self.costs.counted(strategy.backward)
         if combiner.uses_step_losses and len(planned.micro) > 1:
             combiner.see_step_losses(self.step_losses(planned))     # accumulation: an extra forward
         for i, micro in enumerate(planned.micro):
@@ -266,7 +279,7 @@ class Trainer:
                 combiner.observe(outputs, batches)
                 if probe_conflict and i == 0 and len(losses) > 1:
                     probed = probe_gram(losses, self.model.shared_parameters(), dist)
-                combined = combiner.backward(losses, strategy.backward, share=1.0 / len(planned.micro)).float()
+                combined = combiner.backward(losses, backward, share=1.0 / len(planned.micro)).float()
                 total = combined if total is None else total + combined
             for t, loss in losses.items():
                 task_loss[t] = task_loss[t] + loss.detach().float() if t in task_loss else loss.detach().float()
@@ -305,6 +318,23 @@ class Trainer:
                 for t, loss in self.shares(outputs, batches, planned).items():
                     sums[t] = sums[t] + loss.float() if t in sums else loss.float()
         return self.global_losses(sums)
+
+    def record_cost(self, tick: float, probed: bool) -> None:
+        """The step's wall time and backward passes.  The step's own host syncs (the losses, the
+        gradient norm) make its wall time the device's time too, without a sync of its own; the
+        optimizer's kernels, launched after the last one, finish inside the next step's time, so
+        the mean over steps counts them all but the last step's.  A step that probed gradient
+        conflict is timed apart: the probe's T extra gradients are the monitoring's cost (every
+        --conflict-every steps, whatever the method), not the method's."""
+        state = self.state
+        if probed:
+            state.probed_time_sum_s += time.perf_counter() - tick
+            state.probed_steps += 1
+        else:
+            state.step_time_sum_s += time.perf_counter() - tick
+            state.timed_steps += 1
+        state.backwards += self.costs.take_backwards()
+        state.counted_steps += 1
 
     def record_conflict(self, gram) -> None:
         """Gradient conflict of a step whose task gradients were measured: counted for the
@@ -383,6 +413,7 @@ class Trainer:
         """A checkpoint of every finished step; ``on_checkpoint`` hears of it on every rank."""
         state = self.state
         state.wall_time_s = self.wall_before + time.perf_counter() - self.inputs.started
+        state.peak_memory_mb = max(state.peak_memory_mb, self.costs.peak_memory()[0])
         folder = self.checkpoints.save(state.step)
         if self.on_checkpoint:
             self.on_checkpoint({"checkpoint": folder, "step": state.step, "epoch": state.epoch,
@@ -417,7 +448,23 @@ class Trainer:
             "grad_conflict_fraction": state.conflict_steps / state.measured_steps if state.measured_steps else None,
             "grad_cos_mean": {pair: total / state.measured_steps for pair, total in state.cos_sums.items()},
             "weights_digest": weights_digest(self.strategy.full_state_dict()),
+            **self.cost_results(),
         }
+
+    def cost_results(self) -> dict:
+        """What the trial's steps cost (mtl.cost), as rank 0 measured them: the mean step time,
+        the peak memory (its kind says which peak), the backward passes per step, counted, and
+        the cost class the method declares.  The step time leaves out the steps that probed
+        gradient conflict, unless every step did (--conflict-every 1)."""
+        state = self.state
+        memory, kind = self.costs.peak_memory()
+        cost = cost_class(self.combiner)
+        step_time = (state.step_time_sum_s / state.timed_steps if state.timed_steps else
+                     state.probed_time_sum_s / state.probed_steps if state.probed_steps else None)
+        return {"step_time_s": step_time,
+                "peak_memory_mb": max(memory, state.peak_memory_mb), "peak_memory_kind": kind,
+                "backwards_per_step": state.backwards / state.counted_steps if state.counted_steps else None,
+                "cost_class": cost, "cost_note": NOTES.get(cost)}
 
 
 def weights_digest(weights: dict) -> str:

@@ -45,6 +45,7 @@ def results_table(trials: list[RunConfig], failures: dict[str, str] | None = Non
             row.update(status="done", best_epoch=res["best"].get("epoch"), steps=res["steps"],
                        wall_time_s=round(res["wall_time_s"], 2), train_time_s=round(res["train_time_s"], 2),
                        examples_per_s=round(res["examples_per_s"], 2), world_size=res["world_size"],
+                       **{k: res.get(k) for k in trial_results.COST_KEYS},     # None (empty) in older results
                        **{f"examples_per_epoch/{k}": v for k, v in (res.get("examples_per_epoch") or {}).items()},
                        **{f"dev/{k}": v for k, v in res["best"].get("metrics", {}).items()})
         elif name in failures:

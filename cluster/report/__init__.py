@@ -14,6 +14,8 @@ URL) and writes ``report.md``, PNG figures and the numbers as CSV:
   examples per epoch, with a paired-bootstrap 95% interval over dev examples, as a table and heatmap;
 - Δm% (the mean of a multi-task model's per-task changes) per pairing, and the methods ranked by it
   over the pairings they all share;
+- each method's cost beside its score (score tables, ranking, Pareto fronts): mean step time and peak
+  memory against addition's on the same tasks and settings, from the trials' own records;
 - for each pair, the α sweep as a Pareto view (change of one task against the other's);
 - for unitary scalarization, each task's change against its own weight with a fitted quadratic;
 - significance: with several seeds a paired t-test across seeds, with one seed the bootstrap;
@@ -30,8 +32,9 @@ order the report is made:
 - ``reading``: the study's trials (``load_study``, ``Trial``) and their dev predictions;
 - ``stats``: the statistics, as pure functions of numbers (bootstrap, tests, Holm, Pareto, fits);
 - ``comparisons``: changes against matched baselines, their bootstrap, summaries over seeds, Δm%,
-  Pareto views, α curves, conflict; ``analyse`` computes them once into an ``Analysis``;
-- ``formatting``: how a number, a change and its size marks are written;
+  Pareto views, α curves, conflict, costs against addition; ``analyse`` computes them once into an
+  ``Analysis``;
+- ``formatting``: how a number, a change, its size marks and a cost are written;
 - ``protocol`` and ``answers``: the protocol paragraph and the answers, as sentences;
 - ``figures``: the PNG figures (matplotlib, imported on first use);
 - ``sections``: the report's sections in order (``SECTIONS``), each writing Markdown, CSV rows, figures;

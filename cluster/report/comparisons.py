@@ -288,6 +288,65 @@ def conflict_summary(trials: list[Trial], summaries: dict[tuple, Summary]) -> li
     return rows
 
 
+# --------------------------------------------------------------------------------------------
+# What each method's steps cost, against addition's
+# --------------------------------------------------------------------------------------------
+# Settings that change a step's cost without being part of a row's label (reading._SHOWN): a
+# method's step is compared with addition's only under the same split of the batch over workers
+# and micro-batches, strategy and ZeRO stage, and on the same kind of device (the memory kind).
+COST_SETTINGS = ("parallel.", "optim.batch_size", "optim.grad_accum")
+
+
+@dataclass
+class Cost:
+    """A row's cost over its trials: mean seconds per step and peak MB, and the mean of each
+    trial's ratio to addition's on the same tasks and settings (None where no addition run matches
+    or the trials did not record it)."""
+    step_s: float | None
+    peak_mb: float | None
+    step_ratio: float | None
+    memory_ratio: float | None
+
+
+def _cost_setting(t: Trial) -> tuple:
+    settings = sorted((k, str(v)) for k, v in t.identity.items() if k.startswith(COST_SETTINGS))
+    return (t.grouping, t.variant, t.memory_kind, tuple(settings))
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def costs(trials: list[Trial]) -> dict[tuple[str, str], Cost]:
+    """(grouping, row label) -> its Cost.  The reference of each trial is the mean of the addition
+    trials (any seed) on its tasks, variant and cost settings; a row mixing trials with and
+    without one gets the mean of the ratios it has."""
+    measured = [t for t in done_trials(trials) if t.step_time_s is not None or t.peak_memory_mb is not None]
+    sums: dict = defaultdict(list)
+    for t in measured:
+        if t.method == "addition":
+            sums[_cost_setting(t)].append(t)
+    by_row: dict = defaultdict(list)
+    for t in measured:
+        ref = sums.get(_cost_setting(t), [])
+        ref_step, ref_peak = _mean(r.step_time_s for r in ref), _mean(r.peak_memory_mb for r in ref)
+        by_row[(t.grouping, t.label)].append((
+            t, t.step_time_s / ref_step if t.step_time_s and ref_step else None,
+            t.peak_memory_mb / ref_peak if t.peak_memory_mb and ref_peak else None))
+    return {key: Cost(_mean(t.step_time_s for t, _, _ in rows), _mean(t.peak_memory_mb for t, _, _ in rows),
+                      _mean(r for _, r, _ in rows), _mean(m for _, _, m in rows)) for key, rows in by_row.items()}
+
+
+def method_cost(all_costs: dict[tuple[str, str], Cost], label: str, groupings: list[str]) -> Cost | None:
+    """A method's cost over several groupings: the mean of each measure where it is known."""
+    rows = [all_costs[(g, label)] for g in groupings if (g, label) in all_costs]
+    if not rows:
+        return None
+    return Cost(_mean(c.step_s for c in rows), _mean(c.peak_mb for c in rows), _mean(c.step_ratio for c in rows),
+                _mean(c.memory_ratio for c in rows))
+
+
 def dev_noise(change_list: list[Change]) -> dict[str, dict]:
     """task -> dev rows and the median half-width of its changes' 95% intervals: the size of change
     that resampling the dev set alone produces."""
@@ -317,6 +376,7 @@ class Analysis:
     marks: set[str]                     # the size marks the report uses (marks_in_use)
     scores: dict                        # (task, grouping, label) -> {seed: absolute score}
     baseline_labels: dict[str, str]     # single-task trial name -> its row label
+    costs: dict[tuple[str, str], Cost]  # (grouping, label) -> its steps' cost against addition's
 
     @property
     def trials(self) -> list[Trial]:
@@ -339,4 +399,4 @@ def analyse(root: str, resamples: int = stats.RESAMPLES) -> Analysis:
     bootstrap(changes, predictions, resamples)
     summaries = task_summaries(changes)
     return Analysis(study, resamples, changes, no_baseline, predictions, summaries, delta_m_summaries(changes),
-                    marks_in_use(summaries), absolute(study.trials), baseline_labels(study.trials))
+                    marks_in_use(summaries), absolute(study.trials), baseline_labels(study.trials), costs(study.trials))

@@ -1,12 +1,12 @@
 """The report's protocol paragraph: the examples of each task every trial saw per epoch (size
-control), how baselines are matched, the test behind the significance marks and why, and how large
-a change the dev set's size alone produces."""
+control), how baselines are matched, what the cost columns compare, the test behind the
+significance marks and why, and how large a change the dev set's size alone produces."""
 from __future__ import annotations
 
 from collections import defaultdict
 
 from cluster.report.comparisons import Analysis, Change, dev_noise, grouping_order
-from cluster.report.formatting import NOT_SIZED, SIZE_UNKNOWN, count_text
+from cluster.report.formatting import NOT_SIZED, SIZE_UNKNOWN, cost_note, count_text
 from cluster.report.reading import Trial, done_trials
 from cluster.report.stats import ALPHA
 from mtl.config import TASK_NAMES
@@ -22,6 +22,7 @@ def protocol(analysis: Analysis) -> list[str]:
               "several such runs, the one that saw as many examples of the task per epoch as the multi-task run. "
               "Δm% is the mean of a multi-task run's per-task changes (Maninis et al. 2019; all metrics here are "
               "higher-is-better).")
+    md.append("- " + cost_note({t.memory_kind for t in analysis.done if t.memory_kind}))
     n_task = sum(s.p is not None for s in summaries.values())
     n_dm = sum(s.p is not None for s in dm.values())
     family = (f"Holm-corrected over the report's {n_task} tested per-task changes, and separately over its {n_dm} "

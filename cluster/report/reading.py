@@ -29,6 +29,11 @@ class Trial:
     examples: dict = field(default_factory=dict)  # task -> examples of it seen per epoch (None: unknown)
     cos_mean: float | None = None                # mean cosine of the pair's task gradients
     conflict: float | None = None                # fraction of measured steps with a conflict
+    step_time_s: float | None = None             # mean wall seconds per optimizer step (None: not recorded)
+    peak_memory_mb: float | None = None          # peak memory while training, of the kind below
+    memory_kind: str = ""                        # cuda_allocated or cpu_rss (mtl.cost)
+    backwards_per_step: float | None = None      # backward passes per optimizer step, counted
+    cost_class: str = ""                         # the method's declared cost class
     error: str = ""                              # why it failed, or why its results are unreadable
     folder: str = ""
     identity: dict = field(default_factory=dict, repr=False)
@@ -159,7 +164,23 @@ def _read_trial(root: str, name: str) -> Trial:
         trial.cos_mean = sum(cos) / len(cos) if cos else None
         conflict = res.get("grad_conflict_fraction")
         trial.conflict = float(conflict) if isinstance(conflict, (int, float)) else None
+        _read_cost(trial, res)
     return trial
+
+
+def _read_cost(trial: Trial, res: dict) -> None:
+    """The trial's cost (mtl.cost), where its results record one: results written before trials
+    recorded their cost, or with a value that is not a positive number, leave it None (n/a)."""
+    def positive(key: str) -> float | None:
+        value = res.get(key)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        return float(value) if ok else None
+
+    trial.step_time_s, trial.backwards_per_step = positive("step_time_s"), positive("backwards_per_step")
+    trial.peak_memory_mb = positive("peak_memory_mb")
+    kind, cost = res.get("peak_memory_kind"), res.get("cost_class")
+    trial.memory_kind = kind if isinstance(kind, str) else ""
+    trial.cost_class = cost if isinstance(cost, str) else ""
 
 
 def _results_problem(res) -> str | None:

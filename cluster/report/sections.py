@@ -6,11 +6,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from cluster.report.answers import answers
-from cluster.report.comparisons import (Analysis, Change, alpha_curves, conflict_summary, grouping_order,
-                                        method_order, pareto_views)
+from cluster.report.comparisons import (Analysis, Change, Cost, alpha_curves, conflict_summary, grouping_order,
+                                        method_cost, method_order, pareto_views)
 from cluster.report.figures import (alpha_figure, change_heatmap, conflict_figure, pareto_figure,
                                     prediction_figure)
-from cluster.report.formatting import change_text, pct, seed_cell
+from cluster.report.formatting import COST_HEAD, change_text, cost_text, pct, seed_cell
 from cluster.report.protocol import protocol
 from cluster.report.reading import Trial
 from cluster.report.stats import compare_on_common, mean_std
@@ -74,14 +74,14 @@ def _score_table(analysis: Analysis, task: str, groupings: list[str], csv: dict[
         if c.task == task:
             used[c.trial.grouping].add(base_label[c.baseline.name])
     lines = ["Absolute score (top rows: the single-task baselines); below, the change against the matched baseline "
-             "in %, with its 95% interval.", "",
-             "| | " + " | ".join(groupings) + " |", "|---" * (len(groupings) + 1) + "|"]
+             "in %, with its 95% interval; the last column, each method's cost (see Protocol).", "",
+             "| | " + " | ".join(groupings) + f" | {COST_HEAD} |", "|---" * (len(groupings) + 2) + "|"]
     by_size = {label: min((b.examples.get(task) or 0 for b in baselines if base_label[b.name] == label), default=0)
                for label in {k[2] for k in base}}
     for (_, _, label), seeds in sorted(base.items(), key=lambda kv: (by_size[kv[0][2]], kv[0][2])):
         show = len(base) == 1
         lines.append(f"| {label} | " + " | ".join(seed_cell(seeds, 4) if show or label in used[g] else ""
-                                                  for g in groupings) + " |")
+                                                  for g in groupings) + " |  |")
     for label in labels:
         cells = []
         for g in groupings:
@@ -96,9 +96,16 @@ def _score_table(analysis: Analysis, task: str, groupings: list[str], csv: dict[
                     row.update(change_pct_mean=s.mean, change_pct_std=s.std, ci_lo=s.lo, ci_hi=s.hi, test=s.test,
                                p=s.p, p_holm=s.p_holm, significant=s.significant,
                                size_controlled={"equal": True, "unequal": False}.get(s.size))
-                csv["scores"].append(row)
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+                csv["scores"].append({**row, **_cost_columns(analysis.costs.get((g, label)))})
+        cost = method_cost(analysis.costs, label, [g for g in groupings if (task, g, label) in abs_scores])
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {cost_text(cost)} |")
     return lines
+
+
+def _cost_columns(cost: Cost | None) -> dict:
+    """A CSV row's cost columns (empty where the trials did not record their cost)."""
+    return {"step_time_s": cost and cost.step_s, "peak_memory_mb": cost and cost.peak_mb,
+            "step_time_vs_addition": cost and cost.step_ratio, "peak_memory_vs_addition": cost and cost.memory_ratio}
 
 
 def ranking_section(analysis: Analysis, out: ReportFiles) -> None:
@@ -114,13 +121,15 @@ def ranking_section(analysis: Analysis, out: ReportFiles) -> None:
     md = ["## Methods ranked by Δm% (over the pairings they share)", "",
           "Δm%: the mean over a run's tasks of each task's change against its baseline (mean over seeds, 95% "
           "interval, `*` significant). Methods are ranked by their mean Δm over the pairings _every_ method was run "
-          "on; a method's pairings beyond those are shown but not counted.", ""]
+          "on; a method's pairings beyond those are shown but not counted. Each method's cost (see Protocol) is over "
+          "the pairings its rank counts.", ""]
     if not common:
         md += ["No pairing is common to all methods, so they cannot be ranked together; compare them per pairing.", ""]
     if fair["lacking"]:
         lacking = sorted(fair["lacking"].items(), key=lambda kv: method_order(kv[0]))
         md += ["Not run on every pairing: " + "; ".join(f"{m} (lacks {', '.join(gs)})" for m, gs in lacking) + ".", ""]
-    head = ["rank", "method", f"mean Δm over {len(common)} common pairing{'s' * (len(common) != 1)}"] + pairings
+    head = ["rank", "method", f"mean Δm over {len(common)} common pairing{'s' * (len(common) != 1)}",
+            COST_HEAD] + pairings
     md += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     order = [m for m, _ in fair["ranked"]] or sorted(by_method, key=method_order)
     means = dict(fair["ranked"])
@@ -129,7 +138,9 @@ def ranking_section(analysis: Analysis, out: ReportFiles) -> None:
         for g in pairings:
             s = dm.get((g, method))
             cells.append("" if s is None else change_text(s, marks, parens=False))
-        md.append(f"| {rank if means else ''} | {method} | {pct(means[method]) if method in means else ''} | "
+        # Its cost over the pairings its rank counts (all of its own where none is common).
+        cost = cost_text(method_cost(analysis.costs, method, common or pairings))
+        md.append(f"| {rank if means else ''} | {method} | {pct(means[method]) if method in means else ''} | {cost} | "
                   + " | ".join(cells) + " |")
         for g in pairings:
             s = dm.get((g, method))
@@ -138,7 +149,8 @@ def ranking_section(analysis: Analysis, out: ReportFiles) -> None:
                                        "delta_m_std": s.std, "ci_lo": s.lo, "ci_hi": s.hi, "test": s.test, "p": s.p,
                                        "p_holm": s.p_holm, "significant": s.significant, "common": g in common,
                                        "rank": rank if means else None,
-                                       "mean_over_common": means.get(method)})
+                                       "mean_over_common": means.get(method),
+                                       **_cost_columns(analysis.costs.get((g, method)))})
     out.md += md + [""]
 
 
@@ -146,27 +158,31 @@ def pareto_section(analysis: Analysis, out: ReportFiles) -> None:
     """Each pair's methods, the Pareto front among them (pareto.csv), and the figure."""
     views = pareto_views(analysis.summaries, analysis.trials)
     if views:
-        out.md += _pareto_table(views, out.tables)
+        out.md += _pareto_table(views, out.tables, analysis.costs)
         out.figures["pareto.png"] = pareto_figure(views)
         out.md += ["", "![Pareto view of each pair](pareto.png)", ""]
 
 
-def _pareto_table(views: list[dict], csv: dict[str, list[dict]]) -> list[str]:
+def _pareto_table(views: list[dict], csv: dict[str, list[dict]], costs: dict[tuple[str, str], Cost]) -> list[str]:
     md = ["## Pareto view of each pair", "",
           "Each method's change of the pair's first task against its second (mean over seeds). A setting is on the "
           "Pareto front when no other setting is at least as good for both tasks and better for one; only the front "
-          "is worth choosing from, and where on it depends on which task matters more.", "",
-          "| pairing | on the front (change of each task) | dominated |", "|---|---|---|"]
+          "is worth choosing from, and where on it depends on which task matters more; the last column is what each "
+          "setting on the front costs against addition.", "",
+          f"| pairing | on the front (change of each task) | dominated | {COST_HEAD}, on the front |",
+          "|---|---|---|---|"]
     for v in views:
         a, b = v["tasks"]
         pts = v["points"]
         front = "; ".join(f"{m} ({a} {pct(pts[m]['x'])}, {b} {pct(pts[m]['y'])})" for m in v["front"])
         dominated = ", ".join(sorted((m for m in pts if m not in v["front"]), key=method_order)) or "none"
-        md.append(f"| {v['grouping']}{' (' + v['variant'] + ')' if v['variant'] else ''} | {front} | {dominated} |")
+        cost = "; ".join(f"{m} {cost_text(costs.get((v['grouping'], pts[m]['label'])))}" for m in v["front"])
+        md.append(f"| {v['grouping']}{' (' + v['variant'] + ')' if v['variant'] else ''} | {front} | {dominated} | "
+                  f"{cost} |")
         for m, p in pts.items():
             csv["pareto"].append({"grouping": v["grouping"], "variant": v["variant"], "method": m,
                                   "change_first": p["x"], "change_second": p["y"], "first_task": a, "second_task": b,
-                                  "on_front": m in v["front"]})
+                                  "on_front": m in v["front"], **_cost_columns(costs.get((v["grouping"], p["label"])))})
     return md
 
 
@@ -248,7 +264,10 @@ def data_tables(analysis: Analysis, out: ReportFiles) -> None:
         {"trial": t.name, "status": t.status, "grouping": t.grouping, "method": t.method,
          "variant": t.variant, "seed": t.seed, **{f"score/{k}": v for k, v in t.scores.items()},
          **{f"examples_per_epoch/{k}": v for k, v in t.examples.items()},
-         "cos_mean": t.cos_mean, "conflict_fraction": t.conflict, "error": t.error} for t in analysis.trials]
+         "cos_mean": t.cos_mean, "conflict_fraction": t.conflict, "step_time_s": t.step_time_s,
+         "peak_memory_mb": t.peak_memory_mb, "peak_memory_kind": t.memory_kind or None,
+         "backwards_per_step": t.backwards_per_step, "cost_class": t.cost_class or None, "error": t.error}
+        for t in analysis.trials]
 
 
 def _change_row(c: Change) -> dict:

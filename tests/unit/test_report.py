@@ -27,11 +27,11 @@ def para_change(w):           # planted: maximum +4% at the para weight 0.5
 
 
 def write_trial(root, name, tasks, scores, seed, combiner="sum", alpha=0.5, status="done", cos=None,
-                conflict=None, predictions=None, examples=None, settings=None):
+                conflict=None, predictions=None, examples=None, settings=None, cost=None):
     cfg = RunConfig().replace(out=str(root / name), seed=seed, **{
         "data.tasks": tasks, "combiner.combiner": combiner,
         **({"combiner.alpha": alpha} if combiner == "scalarize" else {}), **(settings or {})})
-    res = {"status": status, "config": cfg.to_dict(), "steps": 10}
+    res = {"status": status, "config": cfg.to_dict(), "steps": 10, **(cost or {})}
     if examples is not None:
         res["examples_per_epoch"] = examples
     if status == "done":
@@ -210,8 +210,59 @@ def test_a_combiner_on_fewer_pairings_is_not_ranked_above_a_better_one(tmp_path)
     assert dm[("addition", "sst+sts")]["common"] == "False"
     ranking = md.split("## Methods ranked by Δm%")[1].split("##")[0]
     assert "Not run on every pairing: PCGrad (lacks sst+sts)." in ranking
-    assert "| 1 | PCGrad | +3.0% | +3.0% |  |" in ranking and "| 2 | addition | +0.5% | +0.5% | -2.0% |" in ranking
+    # Results without cost fields (written before trials recorded them) report, their cost n/a.
+    assert "| 1 | PCGrad | +3.0% | n/a | +3.0% |  |" in ranking
+    assert "| 2 | addition | +0.5% | n/a | +0.5% | -2.0% |" in ranking
     assert "**Best method by Δm%**: **PCGrad** (Δm +3.0% over the 1 pairing all 2 methods share)." in answers
+
+
+def cost(step, peak):
+    return {"step_time_s": step, "peak_memory_mb": peak, "peak_memory_kind": "cpu_rss", "backwards_per_step": 1.0,
+            "cost_class": "one backward"}
+
+
+def test_each_method_s_cost_is_shown_against_addition_on_the_same_tasks_and_settings(tmp_path):
+    """Planted costs: on sst+para addition takes 0.2 and 0.3 s a step (seeds 0, 1; mean 0.25) at
+    1,000 MB, PCGrad 0.5 and 0.6 s at 1,500 and 1,300 MB: x2.0 and x2.4, mean x2.20 time, x1.40
+    memory.  On sst+sts addition ran on 2 workers, PCGrad on 1: no reference, no ratio.  On
+    para+sts only uncertainty ran: absolute numbers.  The baselines predate cost recording."""
+    for s in (0, 1):
+        for t, b in BASE.items():
+            write_trial(tmp_path, f"{t}-s{s}", t, {t: b}, s)
+        write_trial(tmp_path, f"sst+para-sum-s{s}", "sst,para", {"sst": 0.55, "para": 0.82}, s,
+                    cost=cost((0.2, 0.3)[s], 1000))
+        write_trial(tmp_path, f"sst+para-pcgrad-s{s}", "sst,para", {"sst": 0.52, "para": 0.84}, s, "pcgrad",
+                    cost=cost((0.5, 0.6)[s], (1500, 1300)[s]))
+    write_trial(tmp_path, "sst+sts-sum-s0", "sst,sts", {"sst": 0.5, "sts": 0.6}, 0, cost=cost(0.3, 1000),
+                settings={"parallel.workers": 2, "optim.batch_size": 4})     # the same global batch
+    write_trial(tmp_path, "sst+sts-pcgrad-s0", "sst,sts", {"sst": 0.5, "sts": 0.6}, 0, "pcgrad", cost=cost(0.9, 1100))
+    write_trial(tmp_path, "para+sts-uncertainty-s0", "para,sts", {"para": 0.8, "sts": 0.6}, 0, "uncertainty",
+                cost=cost(0.4, 1200))
+    report.write_report(str(tmp_path))
+    rows = {(r["task"], r["grouping"], r["method"]): r for r in read_csv(tmp_path / "report" / "scores.csv")}
+    pcgrad = rows[("sst", "sst+para", "PCGrad")]
+    assert float(pcgrad["step_time_vs_addition"]) == pytest.approx(2.2)
+    assert float(pcgrad["peak_memory_vs_addition"]) == pytest.approx(1.4)
+    assert float(pcgrad["step_time_s"]) == pytest.approx(0.55)
+    assert float(rows[("para", "sst+para", "addition")]["step_time_vs_addition"]) == pytest.approx(1.0)
+    other = rows[("sts", "sst+sts", "PCGrad")]            # addition ran on 2 workers: not its reference
+    assert other["step_time_vs_addition"] == "" and float(other["step_time_s"]) == pytest.approx(0.9)
+    md = (tmp_path / "report" / "report.md").read_text()
+    ranking = md.split("## Methods ranked by Δm%")[1].split("##")[0]
+    assert "| PCGrad |  | ×2.20 time, ×1.40 memory |" in ranking
+    assert "| addition |  | ×1.00 time, ×1.00 memory |" in ranking
+    assert "| uncertainty |  | 0.4 s/step, 1,200 MB |" in ranking
+    protocol = md.split("## Protocol")[1].split("##")[0]
+    assert "- Cost: " in protocol and "On CPU the peak is the process's resident set" in protocol
+    assert "On a GPU" not in protocol                    # no trial here recorded a GPU's peak
+    para = md.split("## PAR (para")[1].split("##")[0]
+    assert "| uncertainty | 0.8000 (+0.0%) |  | 0.4 s/step, 1,200 MB |" in para
+    assert "| single task | 0.8000 ± 0.0000 | 0.8000 ± 0.0000 |  |" in para     # a baseline row has no cost
+    pareto = md.split("## Pareto view of each pair")[1].split("##")[0]
+    assert "| none | PCGrad ×2.20 time, ×1.40 memory; addition ×1.00 time, ×1.00 memory |" in pareto
+    trials = {r["trial"]: r for r in read_csv(tmp_path / "report" / "trials.csv")}
+    assert float(trials["sst+para-pcgrad-s1"]["step_time_s"]) == pytest.approx(0.6)
+    assert trials["sst-s0"]["step_time_s"] == "" and trials["sst+sts-pcgrad-s0"]["cost_class"] == "one backward"
 
 
 def test_methods_without_a_common_pairing_cannot_be_compared():
