@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_session.sh prepare                    # here, once: fills .gpu/ (~50 MB)
 #   run: bash benchmarks/gpu_session.sh tests   carry [".gpu"] timeout_s 400   # tests/gpu, bench_pcgrad (<= 6 min)
 #   run: bash benchmarks/gpu_session.sh bench   carry [".gpu"] timeout_s 540   # bench_step, bench_pack (<= 8 min)
+#   run: bash benchmarks/gpu_session.sh methods carry [".gpu"] timeout_s 540   # bench_methods: every loss method (<= 8 min)
 #
 # Each part writes its log to $OUT (it comes back with the run's reply).  A session has
 # 15 minutes of device time in all (a start costs ~1 min): the parts' inner timeouts sum to
@@ -14,7 +15,7 @@
 # shows less time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: gpu_session.sh prepare|tests|bench}"
+part="${1:?usage: gpu_session.sh prepare|tests|bench|methods}"
 CARRY=.gpu
 
 if [ "$part" = prepare ]; then
@@ -83,8 +84,14 @@ bench)
     timeout 150 $PY benchmarks/bench_pack.py --device cuda --precision bf16 --model "$BERT" --data-dir "$DATA" \
         --packs 1,2,4,8,16 --max-steps 30 2>&1 | tee "$OUT/bench_pack.log" | tail -15 || true
     ;;
+methods)
+    # Every loss method's cost on BERT-base, bf16, three tasks: step time and peak allocated
+    # memory against addition's, backward passes counted (each method in its own process).
+    timeout 500 $PY benchmarks/bench_methods.py --device cuda --precision bf16 --model "$BERT" --data-dir "$DATA" \
+        --steps 10 --markdown 2>&1 | tee "$OUT/bench_methods.log" | tail -30 || true
+    ;;
 *)
-    echo "unknown part $part (prepare, tests, bench)" >&2
+    echo "unknown part $part (prepare, tests, bench, methods)" >&2
     exit 2
     ;;
 esac

@@ -31,6 +31,21 @@ METHODS = {
 }
 
 
+FIELD = ["upgrad", "mgda", "cagrad", "nash_mtl", "imtl_g", "aligned_mtl", "dualproj", "gradvac", "graddrop",
+         "fairgrad", "excess_mtl", "config", "rgw", "gradnorm", "rlw", "dwa", "imtl_l", "geomean", "stch", "famo"]
+
+
+@pytest.mark.parametrize("method", FIELD)
+def test_the_field_s_methods_train_on_cuda_in_bf16(make_config, device, method):
+    # The numbers' exactness is tests/unit/test_aggregators.py's; this is the CUDA path (the
+    # broadcast of a solver's weights, fork_rng on the device, ExcessMTL's history on the GPU).
+    res = train(make_config(device=device, precision="bf16", **{"data.tasks": "sst,para,sts", "optim.max_steps": 3,
+                                                                "combiner.combiner": method}))
+    assert res["steps"] == 3 and res["status"] == "done"
+    assert res["peak_memory_kind"] == ("cuda_allocated" if device == "cuda" else "cpu_rss")
+    assert all(math.isfinite(v) for v in res["best"]["metrics"].values())
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_trains_on_cuda(make_config, device, method, precision):
