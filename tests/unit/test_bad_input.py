@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
     (["--workers", "2"], "error: parallel.workers: 2 asked for, but 1 process(es) train this trial: run it as "
                          "torchrun --nproc-per-node 2 -m mtl.train ... --workers 2"),
     (["--combiner", "scalarize", "--tasks", "sst,para", "--weights", "0.4,0.6", "--alpha", "0.3"],
-     "error: combiner.weights: given with --alpha 0.3: scalarize takes one of them"),
+     "error: combiner.weights: given with --alpha 0.3: the method takes one of them"),
     (["--config", '{"config": 5}'], "error: --config: a config is a JSON object of settings"),
     (["--config", '{"optim": {"lrr": 1}}'], "error: --config: optim.lrr: unknown setting"),
     (["--config", '{"optim": 3}'], "error: --config: optim: a section of settings, not an integer"),
