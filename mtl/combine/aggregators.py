@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 
 from mtl.combine.base import register
-from mtl.combine.gradients import GradientCombiner, gram_factor
+from mtl.combine.gradients import GradientCombiner, check_one_per_task, gram_factor
 from mtl.config import CombinerConfig
 from mtl.errors import ConfigError
 
@@ -42,9 +42,8 @@ class TorchJDMethod(GradientCombiner):
         if missing:
             raise ConfigError(f"combiner.combiner: {self.name} needs {', '.join(missing)} (its solver): "
                               f"{SOLVER_EXTRA}")
-        if cfg.pref_vector and len(cfg.pref_vector) != len(tasks):
-            raise ConfigError(f"combiner.pref_vector: {len(cfg.pref_vector)} weights given for "
-                              f"{len(tasks)} task(s) ({','.join(tasks)})")
+        if cfg.pref_vector:
+            check_one_per_task(cfg.pref_vector, tasks, "combiner.pref_vector")
         # A plain attribute: TorchJD's modules hold no parameters, and their state is ours to save.
         self.__dict__["method"] = self.make(cfg, len(tasks))
 

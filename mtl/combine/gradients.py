@@ -103,13 +103,17 @@ class TaskGradients:
             p.grad = v if reached else None
 
 
+def check_one_per_task(values: tuple[float, ...], tasks: tuple[str, ...], name: str) -> None:
+    """A per-task vector setting (--weights, --pref-vector) must have one value per task."""
+    if len(values) != len(tasks):
+        raise ConfigError(f"{name}: {len(values)} weights given for {len(tasks)} task(s) ({','.join(tasks)})")
+
+
 def loss_weights(cfg: CombinerConfig, tasks: tuple[str, ...]) -> tuple[float, ...]:
     """Each task's gradient factor T*w_t from --weights (any number of tasks) or --alpha (a
     pair: alpha, 1-alpha); all 1 when neither is given, so equal weights are the plain method."""
     if cfg.weights:
-        if len(cfg.weights) != len(tasks):
-            raise ConfigError(f"combiner.weights: {len(cfg.weights)} weights given for "
-                              f"{len(tasks)} task(s) ({','.join(tasks)})")
+        check_one_per_task(cfg.weights, tasks, "combiner.weights")
         return tuple(len(tasks) * w for w in cfg.weights)
     if cfg.alpha != 0.5:
         if len(tasks) != 2:

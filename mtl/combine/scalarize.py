@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from mtl.combine.base import Combiner, register
+from mtl.combine.gradients import check_one_per_task
 from mtl.config import CombinerConfig
 from mtl.errors import ConfigError
 
@@ -17,9 +18,7 @@ class Scalarize(Combiner):
     def __init__(self, tasks: tuple[str, ...], cfg: CombinerConfig):
         super().__init__(tasks, cfg)
         if cfg.weights:
-            if len(cfg.weights) != len(tasks):
-                raise ConfigError(f"combiner.weights: {len(cfg.weights)} weights given for "
-                                  f"{len(tasks)} task(s) ({','.join(tasks)})")
+            check_one_per_task(cfg.weights, tasks, "combiner.weights")
             weights = cfg.weights
         elif len(tasks) == 1:
             weights = (1.0,)
