@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from mtl import task_specs
 from mtl.errors import ConfigError
 from mtl.monitor import flatten
 
@@ -66,15 +67,37 @@ SEED_MAX = 2 ** 32 - 1       # seeds are mixed with steps and ranks into 64-bit 
 HEAD_HIDDEN_MAX = 65536      # a head wider than this is a typo (1e8 would ask for ~150 GB)
 
 
-def parse_tasks(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+def parse_tasks(value: str | list[str] | tuple[str, ...], user: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """Task names in canonical order: the built-in sst, para, sts, then ``user``'s (the names of
+    the run's task specs, in the order given)."""
     names = [t.strip() for t in value.split(",")] if isinstance(value, str) else list(value)
     names = [t for t in names if t]
+    known = (*TASK_NAMES, *user)
     _require(bool(names), "data.tasks", "at least one task is needed")
     for name in names:
-        _require(name in TASK_NAMES, "data.tasks", f"unknown task {name!r} (known: {', '.join(TASK_NAMES)})")
+        _require(name in known, "data.tasks", f"unknown task {name!r} (known: {', '.join(known)}; "
+                                              "a task of your own needs its spec: --task-specs FILE)")
     _require(len(set(names)) == len(names), "data.tasks", f"a task is listed twice in {','.join(names)}")
     # Canonical order keeps run names and head order independent of how the user typed them.
-    return tuple(t for t in TASK_NAMES if t in names)
+    return tuple(t for t in known if t in names)
+
+
+def parse_task_specs(value) -> tuple[dict, ...]:
+    """--task-specs: comma-separated spec files (read and checked now), or the specs themselves
+    as a saved configuration holds them (checked again: a hand-edited one gets the same errors)."""
+    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+    specs = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            spec = task_specs.load(item)
+        else:
+            spec = task_specs.normalise(item, f"data.task_specs[{i}]")
+            _require(spec["name"] not in task_specs.BUILTIN and spec["name"] not in task_specs.RESERVED,
+                     f"data.task_specs[{i}].name", f"{spec['name']!r} is taken")
+        _require(spec["name"] not in [s["name"] for s in specs], "data.task_specs",
+                 f"two specs name the task {spec['name']!r}")
+        specs.append(spec)
+    return tuple(specs)
 
 
 @dataclass
@@ -84,7 +107,8 @@ class ModelConfig:
     pooling: str = _help("sentence vector: 'cls' ([CLS] token) or 'mean' (mean over tokens)", default="cls")
     pair_encoding: str = _help("sentence pairs as one sequence [CLS] a [SEP] b [SEP] ('joint') "
                                "or each sentence encoded alone ('siamese')", default="joint")
-    sim_head: str = _help("SIM head for siamese pairs: 'mlp' on [u; v; |u-v|] or 'cosine'", default="mlp")
+    sim_head: str = _help("head of a regression pair task (SIM) under siamese encoding: 'mlp' on [u; v; |u-v|] or 'cosine' "
+                          "(scaled onto the label range)", default="mlp")
     dropout: float = _help("dropout before each head layer", default=0.5)
     encoder_dropout: float = _help("dropout inside the encoder (hidden and attention); -1 keeps the "
                                    "encoder's own setting", default=-1.0)
@@ -110,7 +134,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    tasks: tuple[str, ...] = _help("comma-separated subset of sst,para,sts", default=("sst",))
+    tasks: tuple[str, ...] = _help("comma-separated tasks: of the built-in sst,para,sts and those of "
+                                   "--task-specs", default=("sst",))
+    task_specs: tuple = _help("comma-separated task spec files (YAML or JSON: name, files, columns, kind, ...; "
+                              "see mtl/task_specs.py) for tasks of your own; the trial keeps the specs of its "
+                              "tasks (part of what it computes)", default=())
     data_dir: str = _help(f"folder or fsspec URL holding sst-/quora-/sts-{{train,dev}}.csv; "
                           f"{DEFAULT_DATA} is the sample shipped with mtl", default=DEFAULT_DATA)
     epoch_mode: str = _help("min_size: undersample every task to the smallest; max_size: cycle smaller tasks; "
@@ -130,7 +158,13 @@ class DataConfig:
     max_dev_rows: int = _help("use a fixed random subset of this many dev rows per task (0: all)", default=0)
 
     def __post_init__(self):
-        self.tasks = parse_tasks(self.tasks)
+        specs = parse_task_specs(self.task_specs)
+        self.tasks = parse_tasks(self.tasks, tuple(s["name"] for s in specs))
+        # A spec of a task this trial does not train is not part of it (a study's base config may
+        # hold the specs of all its trials): its identity stays that of the same trial without.
+        self.task_specs = tuple(s for s in specs if s["name"] in self.tasks)
+        for spec in self.task_specs:
+            task_specs.register(spec)
         _require(self.epoch_mode in EPOCH_MODES, "data.epoch_mode",
                  f"{self.epoch_mode!r} is not one of {', '.join(EPOCH_MODES)}")
         _require(self.epoch_mode != "fixed_n" or self.examples_per_task > 0, "data.examples_per_task",
@@ -354,6 +388,7 @@ class RunConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["data"]["tasks"] = list(self.data.tasks)
+        d["data"]["task_specs"] = [dict(s) for s in self.data.task_specs]
         d["combiner"]["weights"] = list(self.combiner.weights)
         d["combiner"]["pref_vector"] = list(self.combiner.pref_vector)
         return d
@@ -377,6 +412,8 @@ class RunConfig:
         for key in NON_IDENTITY:
             section, _, name = key.rpartition(".")
             (d[section] if section else d).pop(name)
+        if not d["data"]["task_specs"]:
+            del d["data"]["task_specs"]     # built-in tasks only: identities as before task specs existed
         return d
 
     def identity_changes(self, other: "RunConfig") -> str:

@@ -31,8 +31,7 @@ from mtl.tasks import TASKS
 
 def predictions_csv(task: str, ids: list[str], pred: torch.Tensor) -> str:
     spec = TASKS[task]
-    values = [str(int(v)) if task == "sst" else (f"{float(v):.1f}" if task == "para" else repr(float(v)))
-              for v in pred.tolist()]
+    values = [spec.label_text(v) for v in pred.tolist()]
     return f"id \t {spec.output_header} \n" + "".join(f"{i} , {v} \n" for i, v in zip(ids, values))
 
 

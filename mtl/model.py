@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from mtl.config import DEFAULT_MODEL, ModelConfig
 from mtl.data import TaskBatch
 from mtl.errors import ConfigError
-from mtl.tasks import SIM_SCALE, TaskSpec
+from mtl.tasks import TaskSpec
 
 
 def resolve_model_path(name: str) -> str:
@@ -85,7 +85,7 @@ def build_heads(tasks: list[TaskSpec], cfg: ModelConfig, width: int) -> nn.Modul
     heads = {}
     for t in tasks:
         siamese_pair = t.is_pair and cfg.pair_encoding == "siamese"
-        if siamese_pair and t.name == "sts" and cfg.sim_head == "cosine":
+        if siamese_pair and t.regression and cfg.sim_head == "cosine":
             continue
         heads[t.name] = MLPHead(3 * width if siamese_pair else width, hidden, t.num_outputs, cfg.dropout)
     return nn.ModuleDict(heads)
@@ -117,11 +117,11 @@ class MultiTaskModel(nn.Module):
             features = self.last_pooled[task] = self.pool(batch.inputs[0])
         else:
             u, v = self._pool_pair(batch.inputs, task)
-            if task not in self.heads:   # cosine SIM head
-                return (SIM_SCALE * F.cosine_similarity(u.float(), v.float(), dim=-1)).unsqueeze(-1)
+            if task not in self.heads:   # cosine head of a regression pair task: cos scaled onto the range
+                low, high = self.tasks[task].label_range
+                return (low + (high - low) * F.cosine_similarity(u.float(), v.float(), dim=-1)).unsqueeze(-1)
             features = torch.cat([u, v, (u - v).abs()], dim=-1)
-        out = self.heads[task](features)
-        return SIM_SCALE * torch.sigmoid(out.float()) if task == "sts" else out
+        return self.tasks[task].activate(self.heads[task](features))
 
     def _pool_pair(self, inputs: list[dict[str, torch.Tensor]], task: str) -> tuple[torch.Tensor, torch.Tensor]:
         # Both sentences go through the encoder in one call: half the kernel launches.

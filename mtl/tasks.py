@@ -1,21 +1,23 @@
-"""One spec per task: its files and columns, how a label is read and checked, the head's
-output, its loss and its dev metrics.  Everything task-specific lives here."""
+"""One TaskSpec per task, built from its spec (mtl.task_specs: the data form): how a label is
+read and checked, the head's output, its loss and its dev metrics.  Everything task-specific
+lives here; the built-in sst, para and sts are specs like any user's."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from mtl import scores
+from mtl import scores, task_specs
 
 
 @dataclass(frozen=True)
 class TaskSpec:
     name: str               # short name used on the command line: sst, para, sts
     title: str              # SEN / PAR / SIM, as the studies call them
-    file_prefix: str        # <prefix>-train.csv, <prefix>-dev.csv
+    files: str              # file name pattern under data_dir, with {split}
     text_columns: tuple[str, ...]
     label_column: str
     num_outputs: int
@@ -27,6 +29,8 @@ class TaskSpec:
     metric_names: tuple[str, ...]          # the keys ``metrics`` returns, primary first
     regression: bool = False
     output_header: str = ""                # the leaderboard CSV's prediction column
+    label_range: tuple[float, float] = (0.0, 1.0)   # regression: what the head's activation maps onto
+    label_names: tuple[str, ...] = ()      # the file's label texts, in class order ('' : numbers)
 
     def kpi(self, output: torch.Tensor, labels: torch.Tensor) -> float:
         """A batch's score in [0, 1]: accuracy, or Pearson's r mapped from [-1, 1]."""
@@ -40,7 +44,22 @@ class TaskSpec:
         return len(self.text_columns) == 2
 
     def file(self, split: str) -> str:
-        return f"{self.file_prefix}-{split}.csv"
+        return self.files.format(split=split)
+
+    def activate(self, out: torch.Tensor) -> torch.Tensor:
+        """The head's raw output -> what the loss reads: a regression head's sigmoid scaled onto
+        the label range (so the loss is on scores), logits as they are otherwise."""
+        if not self.regression:
+            return out
+        low, high = self.label_range
+        return low + (high - low) * torch.sigmoid(out.float())
+
+    def label_text(self, value: float) -> str:
+        """A prediction as the leaderboard's files write it: a class index (named labels too,
+        so the file reads back as numbers), 0.0/1.0, or the score."""
+        if self.regression:
+            return repr(float(value))
+        return str(int(value)) if self.num_outputs > 1 else f"{float(value):.1f}"
 
 
 def _number(text: str) -> float:
@@ -56,54 +75,101 @@ def _number(text: str) -> float:
     return value
 
 
-def _sentiment(text: str) -> float:
-    value = _number(text)
-    if not value.is_integer() or not 0 <= value <= 4:
-        raise ValueError(f"sentiment {text.strip()!r} is not an integer in 0..4")
-    return value
+def _label_parser(spec: dict) -> Callable[[str], float]:
+    column, kind = spec["label_column"], spec["kind"]
+    if spec["labels"]:
+        index = {name: float(i) for i, name in enumerate(spec["labels"])}
+
+        def by_name(text: str) -> float:
+            value = index.get(text.strip())
+            if value is None:
+                raise ValueError(f"{column} {text.strip()!r} is not one of {', '.join(spec['labels'])}"
+                                 if text.strip() else "label is empty")
+            return value
+        return by_name
+    if kind == "regression":
+        low, high = spec["range"]
+
+        def in_range(text: str) -> float:
+            value = _number(text)
+            if not low <= value <= high:
+                raise ValueError(f"{column} {text.strip()!r} is outside {low:g}..{high:g}")
+            return value
+        return in_range
+    if kind == "binary":
+        def zero_one(text: str) -> float:
+            value = _number(text)
+            if value not in (0.0, 1.0):
+                raise ValueError(f"{column} {text.strip()!r} is not 0 or 1")
+            return value
+        return zero_one
+    classes = spec["classes"]
+
+    def class_index(text: str) -> float:
+        value = _number(text)
+        if not value.is_integer() or not 0 <= value < classes:
+            raise ValueError(f"{column} {text.strip()!r} is not an integer in 0..{classes - 1}")
+        return value
+    return class_index
 
 
-def _duplicate(text: str) -> float:
-    value = _number(text)
-    if value not in (0.0, 1.0):
-        raise ValueError(f"is_duplicate {text.strip()!r} is not 0 or 1")
-    return value
+_LOSSES = {
+    "cross_entropy": lambda logits, y: F.cross_entropy(logits.float(), y.long(), reduction="none"),
+    "bce": lambda logits, y: F.binary_cross_entropy_with_logits(logits.float().squeeze(-1), y.float(), reduction="none"),
+    "mse": lambda score, y: F.mse_loss(score.float().squeeze(-1), y.float(), reduction="none"),
+    "l1": lambda score, y: F.l1_loss(score.float().squeeze(-1), y.float(), reduction="none"),
+    "smooth_l1": lambda score, y: F.smooth_l1_loss(score.float().squeeze(-1), y.float(), reduction="none"),
+}
+_OUTPUTS = {
+    "classification": lambda logits: logits.argmax(-1),
+    "binary": lambda logits: (logits.squeeze(-1) > 0).long(),
+    "regression": lambda score: score.squeeze(-1).float(),
+}
 
 
-def _similarity(text: str) -> float:
-    value = _number(text)
-    if not 0.0 <= value <= 5.0:
-        raise ValueError(f"similarity {text.strip()!r} is outside 0..5")
-    return value
+def _metric(name: str, classes: int) -> Callable[[torch.Tensor, torch.Tensor], float]:
+    return {"acc": lambda p, y: scores.accuracy(p, y.long()),
+            "f1_macro": lambda p, y: scores.f1_macro(p, y.long(), classes),
+            "f1": lambda p, y: scores.f1_binary(p, y.long()),
+            "pearson": scores.pearson, "spearman": scores.spearman}[name]
 
 
-SIM_SCALE = 5.0
+def build(spec: dict) -> TaskSpec:
+    """The TaskSpec of a normalised spec (mtl.task_specs.normalise)."""
+    kind, names = spec["kind"], tuple(spec["metrics"])
+    fns = {m: _metric(m, spec["classes"] or 2) for m in names}
+    return TaskSpec(
+        name=spec["name"], title=spec["title"], files=spec["files"], text_columns=tuple(spec["text_columns"]),
+        label_column=spec["label_column"], num_outputs=spec["classes"] if kind == "classification" else 1,
+        primary_metric=spec["primary_metric"], parse_label=_label_parser(spec), loss=_LOSSES[spec["loss"]],
+        output=_OUTPUTS[kind], metrics=lambda p, y: {m: fn(p, y) for m, fn in fns.items()}, metric_names=names,
+        regression=kind == "regression", output_header=spec["output_header"],
+        label_range=tuple(spec["range"]) if kind == "regression" else (0.0, 1.0),
+        label_names=tuple(spec["labels"] or ()))
 
-SST = TaskSpec(
-    name="sst", title="SEN", file_prefix="sst", text_columns=("sentence",), label_column="sentiment",
-    num_outputs=5, primary_metric="acc", parse_label=_sentiment,
-    loss=lambda logits, y: F.cross_entropy(logits.float(), y.long(), reduction="none"),
-    output=lambda logits: logits.argmax(-1),
-    metrics=lambda p, y: {"acc": scores.accuracy(p, y.long()), "f1_macro": scores.f1_macro(p, y.long(), 5)},
-    metric_names=("acc", "f1_macro"), output_header="Predicted_Sentiment",
-)
-PARA = TaskSpec(
-    name="para", title="PAR", file_prefix="quora", text_columns=("sentence1", "sentence2"),
-    label_column="is_duplicate", num_outputs=1, primary_metric="acc", parse_label=_duplicate,
-    loss=lambda logits, y: F.binary_cross_entropy_with_logits(logits.float().squeeze(-1), y.float(), reduction="none"),
-    output=lambda logits: (logits.squeeze(-1) > 0).long(),
-    metrics=lambda p, y: {"acc": scores.accuracy(p, y.long()), "f1": scores.f1_binary(p, y.long())},
-    metric_names=("acc", "f1"), output_header="Predicted_Is_Paraphrase",
-)
-# SIM's activation maps the head onto the label range 0..5 (sigmoid scaled), so the MSE is on scores.
-STS = TaskSpec(
-    name="sts", title="SIM", file_prefix="sts", text_columns=("sentence1", "sentence2"),
-    label_column="similarity", num_outputs=1, primary_metric="pearson", parse_label=_similarity,
-    loss=lambda score, y: F.mse_loss(score.float().squeeze(-1), y.float(), reduction="none"),
-    output=lambda score: score.squeeze(-1).float(),
-    metrics=lambda p, y: {"pearson": scores.pearson(p, y), "spearman": scores.spearman(p, y)},
-    metric_names=("pearson", "spearman"), regression=True,
-    output_header="Predicted_Similiary",    # sic: the course's leaderboard spells it so
-)
 
-TASKS: dict[str, TaskSpec] = {t.name: t for t in (SST, PARA, STS)}
+class _Registry(Mapping):
+    """Task name -> TaskSpec: the built-in specs and every user spec a configuration of this
+    process registered (mtl.config.DataConfig); built once per spec."""
+
+    def __init__(self):
+        self._built: dict[str, tuple[dict, TaskSpec]] = {}
+
+    def __getitem__(self, name: str) -> TaskSpec:
+        spec = task_specs.get(name)
+        if spec is None:
+            raise KeyError(name)
+        built = self._built.get(name)
+        if built is None or built[0] is not spec:
+            built = self._built[name] = (spec, build(spec))
+        return built[1]
+
+    def __iter__(self):
+        return iter(task_specs.known_names())
+
+    def __len__(self) -> int:
+        return len(task_specs.known_names())
+
+
+TASKS: Mapping[str, TaskSpec] = _Registry()
+SST, PARA, STS = TASKS["sst"], TASKS["para"], TASKS["sts"]
