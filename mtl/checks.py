@@ -30,6 +30,9 @@ def check_run(cfg: RunConfig) -> Combiner:
         raise ConfigError(f"out: {cfg.out} lives only in this process and is gone when it ends "
                           "(pass --allow-ephemeral-out true if that is what you want)")
     combiner = build_combiner(cfg.combiner, cfg.data.tasks, cfg.data.one_task_per_step)
+    if cfg.model.freeze_encoder and combiner.cost == "T backwards":
+        raise ConfigError(f"model.freeze_encoder: {cfg.combiner.combiner} acts on the tasks' gradients of the "
+                          "encoder, which a frozen encoder does not have (use a loss-weighting method)")
     stage = cfg.parallel.zero_stage if cfg.parallel.strategy == "deepspeed" else 0
     if stage > combiner.max_zero_stage:
         raise ConfigError(f"parallel.zero_stage: {cfg.combiner.combiner} {combiner.zero_stage_limit}, which ZeRO "

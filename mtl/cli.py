@@ -86,6 +86,9 @@ def trial_parser() -> argparse.ArgumentParser:
                                      epilog=methods_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(parser)
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    parser.add_argument("--stages", metavar="YAML", help="a chain file: the stages to train before this trial, "
+                        "each a mapping of settings over these flags (see mtl/stages.py); each stage runs once, "
+                        "in <out>/stages/, and carries its encoder on")
     return parser
 
 

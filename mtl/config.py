@@ -115,6 +115,9 @@ class ModelConfig:
     head_hidden: int = _help("hidden width of the heads' first layer (0: the encoder's width)", default=0)
     max_length: int = _help("tokens per sequence (a pair counts as one sequence unless siamese)", default=128)
 
+    freeze_encoder: bool = _help("train the heads only: the encoder stays as loaded (the frozen-encoder "
+                                 "baseline; no encoder gradients, so no gradient method)", default=False)
+
     def __post_init__(self):
         _require(bool(self.model), "model.model", "must name an encoder")
         _require(self.pooling in ("cls", "mean"), "model.pooling", f"{self.pooling!r} is not 'cls' or 'mean'")
@@ -357,6 +360,14 @@ class RunConfig:
     pad_to_multiple: int = _help("pad each batch's length up to a multiple of N (fewer shapes to compile; "
                                  "tensor-core friendly); 0: 16 with --compile, else 1 (the longest sequence)",
                                  identity=False, default=0)
+    carry_heads: bool = _help("with an upstream stage: start the heads of the tasks it trained too from its best "
+                              "weights (multi-task, then single-task fine-tuning with the head carried over)",
+                              default=False)
+    # The stage this trial starts from: the upstream trial's whole configuration (its identity is
+    # part of this one's; its out says where its best weights are).  No flag: a chain file or a
+    # study's grid sets it (mtl/stages.py).
+    upstream: "RunConfig | None" = field(default=None, metadata={
+        "help": "the upstream stage's configuration", "identity": True, "methods": (), "flag": False})
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -378,6 +389,13 @@ class RunConfig:
             task, _, metric = self.select_metric.partition("/")
             _require(task in self.data.tasks and bool(metric), "select_metric",
                      f"{self.select_metric!r} is not 'mean' or task/metric for a task of this run")
+        _require(not self.carry_heads or self.upstream is not None, "carry_heads", "needs an upstream stage")
+        if self.upstream is not None:
+            _require(self.upstream.out.rstrip("/") != self.out.rstrip("/"), "upstream.out",
+                     f"{self.out} cannot be its own upstream stage")
+            _require(self.upstream.model.model == self.model.model, "upstream.model.model",
+                     f"the upstream stage trains {self.upstream.model.model!r}, this stage {self.model.model!r}: "
+                     "a stage carries the encoder on, so both name the same one")
         # Cross-section checks live with the sections' owners (the combiner registry checks its own fit).
 
     @property
@@ -389,6 +407,7 @@ class RunConfig:
         d = dataclasses.asdict(self)
         d["data"]["tasks"] = list(self.data.tasks)
         d["data"]["task_specs"] = [dict(s) for s in self.data.task_specs]
+        d["upstream"] = self.upstream.to_dict() if self.upstream is not None else None
         d["combiner"]["weights"] = list(self.combiner.weights)
         d["combiner"]["pref_vector"] = list(self.combiner.pref_vector)
         return d
@@ -414,6 +433,14 @@ class RunConfig:
             (d[section] if section else d).pop(name)
         if not d["data"]["task_specs"]:
             del d["data"]["task_specs"]     # built-in tasks only: identities as before task specs existed
+        # Settings added with stages leave a one-stage trial's identity as it was before them.
+        for key, default in (("upstream", None), ("carry_heads", False)):
+            if d[key] == default:
+                del d[key]
+        if not d["model"]["freeze_encoder"]:
+            del d["model"]["freeze_encoder"]
+        if self.upstream is not None:
+            d["upstream"] = self.upstream.identity()
         return d
 
     def identity_changes(self, other: "RunConfig") -> str:
@@ -447,7 +474,9 @@ def _build(cls, d: dict, prefix: str):
     kwargs = {}
     for name, value in d.items():
         sub = SECTIONS.get(name) if cls is RunConfig else None
-        if sub is not None:
+        if cls is RunConfig and name == "upstream":
+            kwargs[name] = None if value is None else _build(RunConfig, value, prefix="upstream.")
+        elif sub is not None:
             kwargs[name] = _build(sub, value, prefix=f"{name}.")
         else:
             kwargs[name] = _coerce(known[name], value, f"{prefix}{name}")
@@ -508,6 +537,8 @@ def field_docs() -> list[tuple[str, str, dataclasses.Field]]:
     """(flag name, dotted key, field) for every leaf setting; flag names are unique by design."""
     out = []
     for f in dataclasses.fields(RunConfig):
+        if f.metadata.get("flag") is False:
+            continue
         if f.name in SECTIONS:
             for sf in dataclasses.fields(SECTIONS[f.name]):
                 out.append((sf.name, f"{f.name}.{sf.name}", sf))

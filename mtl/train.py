@@ -2,6 +2,7 @@
 
     python -m mtl.train --preset smoke --out runs/smoke
     python -m mtl.train --tasks sst,para --combiner scalarize --alpha 0.4 --seed 0 --out runs/x
+    python -m mtl.train --stages chain.yaml --tasks sts --out runs/seq     # a chain of stages (mtl.stages)
 
 The trial's lifecycle: check the inputs before anything is written, return the results of a
 trial already done, take the run folder, clean a killed writer's leftovers, then train
@@ -15,7 +16,7 @@ import os
 import time
 from typing import Callable
 
-from mtl import checkpoint, results as trial_results, storage
+from mtl import checkpoint, results as trial_results, stages, storage
 from mtl.checkpoint import CheckpointManager
 from mtl.checks import check_run, check_same_trial, check_workers
 from mtl.cli import config_from_args, guarded, print_summary, trial_parser
@@ -50,6 +51,7 @@ def train(cfg: RunConfig, dist: DistContext | None = None, on_checkpoint: Callab
     if done is not None:
         log.info("%s is done: its results stand", cfg.out)
         return done
+    stages.upstream_results(cfg)        # the stage it starts from has finished (else: why not)
     inputs = prepare(cfg, combiner)
     with take_run_folder(cfg.out, dist, lease_wait_s) as lease:
         checkpoints = CheckpointManager(cfg.out, dist, cfg.keep_checkpoints, cfg.to_dict(), inputs.data)
@@ -118,11 +120,17 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> int:
         cfg = config_from_args(args)
-        check_run(cfg)
+        if args.stages:
+            cfg = stages.chain(cfg, stages.load_chain_file(args.stages), args.stages)
+        chain = stages.links(cfg)
+        for stage in chain:
+            check_run(stage)
         if args.print_config:
             print(json.dumps(cfg.to_dict(), indent=2))
             return 0
-        results = train(cfg, stop=StopSignal().install())
+        signal = StopSignal().install()
+        for stage in chain:            # each stage a trial of its own: a finished one returns its results
+            results = train(stage, stop=signal)
         if os.environ.get("RANK", "0") == "0":      # under torchrun, one summary, not one per rank
             print_summary(cfg, results)
         return 0

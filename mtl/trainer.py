@@ -32,6 +32,7 @@ from mtl.errors import TrialFailed
 from mtl.evaluation import metric_names, predict, score
 from mtl.lease import Lease
 from mtl.model import build_model
+from mtl.stages import history as stages_history, load_upstream
 from mtl.monitor import NullSink, TensorBoardSink, progress_bar
 from mtl.optim import build_optimizer, build_scheduler
 from mtl.stop import StopSignal, TrialStopped
@@ -118,7 +119,12 @@ class Trainer:
         the random numbers each consumes (the seed, then the model's heads, then the combiner)."""
         cfg, dist = self.cfg, self.dist
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.model, self.inputs.tasks).to(dist.device)
+        self.model = build_model(cfg.model, self.inputs.tasks)
+        if cfg.upstream is not None and self.inputs.prior is None:    # a resume loads its own checkpoint
+            load_upstream(self.model, cfg)
+        if cfg.model.freeze_encoder:
+            self.model.encoder.requires_grad_(False)
+        self.model = self.model.to(dist.device)
         if cfg.compile:
             # In place, so the weights keep their names (checkpoints work with and without it).
             # Dynamic shapes: batch widths vary; one graph serves them rather than one per width.
@@ -178,7 +184,9 @@ class Trainer:
         torch.manual_seed(self.step_seed)
         tick = time.perf_counter()
         every = self.cfg.combiner.conflict_every
-        probe = bool(every) and self.strategy.whole_parameters and (state.step + 1) % every == 0
+        # A frozen encoder has no task gradients to compare: no probe.
+        probe = (bool(every) and self.strategy.whole_parameters and not self.cfg.model.freeze_encoder
+                 and (state.step + 1) % every == 0)
         try:
             stats, gram = self.step(planned, probe_conflict=probe)
         except TrialFailed:
@@ -449,6 +457,7 @@ class Trainer:
             "grad_cos_mean": {pair: total / state.measured_steps for pair, total in state.cos_sums.items()},
             "weights_digest": weights_digest(self.strategy.full_state_dict()),
             **self.cost_results(),
+            **({"stages": stages_history(cfg)} if cfg.upstream is not None else {}),
         }
 
     def cost_results(self) -> dict:
