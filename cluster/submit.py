@@ -26,7 +26,7 @@ from cluster.backends.registry import BACKENDS, add_placement_flags, backend_fla
 from cluster.core.ending import summary, write_study_report
 from cluster.core.flags import add_study_flags, trials_from_args
 from cluster.core.placement import placement_from_args
-from cluster.core.study import check_storage, slot_count
+from cluster.core.study import check_storage, slot_count, trial_name
 from cluster.core.tensorboard import write_tensorboard_experiment
 
 
@@ -65,8 +65,12 @@ def print_trials(trials: list[RunConfig]) -> None:
         p, d = t.parallel, t.data
         size = f" examples/task/epoch={d.examples_per_task}" if d.epoch_mode == "min_size" and d.examples_per_task \
             else ""
-        print(f"{t.out}\tworkers={p.workers} strategy={p.strategy}{size}")
-    print(f"{len(trials)} trials")
+        after = f" after={trial_name(t.upstream)}" if t.upstream is not None else ""
+        print(f"{t.out}\tworkers={p.workers} strategy={p.strategy}{size}{after}")
+    upstream = {t.upstream.out for t in trials if t.upstream is not None}
+    print(f"{len(trials)} trials" + (f" ({len(upstream)} upstream stages, each run once before the "
+                                     f"{sum(t.upstream is not None for t in trials)} trials that start from them)"
+                                     if upstream else ""))
 
 
 def main(argv: list[str] | None = None, backend: str | None = None) -> int:

@@ -510,7 +510,8 @@ def _coerce(f: dataclasses.Field, value, name: str):
 def set_dotted(d: dict, key: str, value) -> None:
     """Set d['a']['b'] for key 'a.b'; a bare field name is looked up in the sections too."""
     parts = key.split(".")
-    names_a_section = len(parts) == 1 and isinstance(d.get(parts[0]), dict) and not isinstance(value, dict)
+    names_a_section = (len(parts) == 1 and parts[0] in SECTIONS and isinstance(d.get(parts[0]), dict)
+                       and not isinstance(value, dict))
     if len(parts) == 1 and (parts[0] not in d or names_a_section):
         owners = [s for s in SECTIONS if parts[0] in d.get(s, {})]
         if len(owners) != 1:

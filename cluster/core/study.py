@@ -31,6 +31,7 @@ import yaml
 from mtl import results as trial_results, storage
 from mtl.config import GRADIENT_METHODS, NON_IDENTITY, SEED_MAX, TASK_NAMES, CombinerConfig, RunConfig, set_dotted
 from mtl.errors import ConfigError, kind
+from mtl.stages import links
 
 SIZE_CONTROLS = ("study", "pairing", "none")
 NAME_MAX = 255       # bytes in one file or folder name
@@ -86,7 +87,34 @@ def methods_axes() -> list[dict]:
     return trials
 
 
-NAMED = {"pairings": pairings_axes, "weighting": weighting_axes, "methods": methods_axes, "smoke": smoke_axes}
+def sequential_axes() -> list[dict]:
+    """Joint or one task after another?  The single-task baselines; the three tasks trained
+    jointly; sequentially (SST, then Quora, then STS: a chain of single-task stages); and jointly,
+    then each task fine-tuned alone with its head carried over (one shared joint stage)."""
+    joint = {"data.tasks": ",".join(TASK_NAMES), "combiner.combiner": "sum"}
+    trials = [{"data.tasks": t, "combiner.combiner": "sum"} for t in SINGLES] + [joint]
+    trials.append({"data.tasks": "sts", "combiner.combiner": "sum", STAGES: [{"data.tasks": "sst"},
+                                                                            {"data.tasks": "para"}]})
+    trials += [{"data.tasks": t, "combiner.combiner": "sum", "carry_heads": True, STAGES: [joint]} for t in SINGLES]
+    return trials
+
+
+def sampling_axes() -> list[dict]:
+    """How to sample the tasks?  The three tasks by addition under every epoch mode: undersampling
+    to the smallest (the reference), oversampling to the largest, a fixed n per task,
+    proportional and temperature (T=2) task sampling, beside the single-task baselines."""
+    all3 = {"data.tasks": ",".join(TASK_NAMES), "combiner.combiner": "sum"}
+    return [{"data.tasks": t, "combiner.combiner": "sum"} for t in SINGLES] + [
+        {**all3, "data.epoch_mode": "min_size"}, {**all3, "data.epoch_mode": "max_size"},
+        {**all3, "data.epoch_mode": "fixed_n", "data.examples_per_task": SAMPLING_FIXED_N},
+        {**all3, "data.epoch_mode": "proportional"}, {**all3, "data.epoch_mode": "temperature", "data.temperature": 2.0}]
+
+
+SAMPLING_FIXED_N = 2000      # the sampling grid's fixed n: about the smallest task of the full data sets
+
+
+NAMED = {"pairings": pairings_axes, "weighting": weighting_axes, "methods": methods_axes, "smoke": smoke_axes,
+         "sequential": sequential_axes, "sampling": sampling_axes}
 
 
 def yaml_axes(path: str) -> tuple[list[dict], dict]:
@@ -186,7 +214,9 @@ def expand(grid: str, base: RunConfig, storage_root: str, seeds: list[int] | Non
     entries, seen = [], set()
     for combo in combos:
         try:
-            cfg = base.replace(**{**fixed, **combo})
+            settings = {k: v for k, v in combo.items() if k != STAGES}
+            seed = settings.get("seed", fixed.get("seed", base.seed))
+            cfg = base.replace(**{**fixed, **settings, "upstream": _stage_chain(combo.get(STAGES), base, fixed, seed)})
         except ConfigError as exc:
             field, _, reason = str(exc).partition(": ")
             part = next((f"axes.{k}" for k in combo if k == field), next((f"fixed.{k}" for k in fixed if k == field),
@@ -195,24 +225,99 @@ def expand(grid: str, base: RunConfig, storage_root: str, seeds: list[int] | Non
                 raise
             raise ConfigError(f"{origin}: {part}: {reason}") from None
         # An axis of one method's setting (alpha, pcgrad_on, ...) does not repeat the other methods.
-        defaults = CombinerConfig()
-        cfg = cfg.replace(**{f"combiner.{k}": getattr(defaults, k) for k in cfg.combiner.unused()})
+        cfg = _method_defaults(cfg)
         if cfg.fingerprint() not in seen:
             seen.add(cfg.fingerprint())
             entries.append((cfg, combo))
-    entries = control_sizes(entries, size_control)
-    named = [(cfg, combo, _compose_name(cfg, combo)) for cfg, combo in entries]
+    entries = [(_pin_stages(cfg), combo) for cfg, combo in control_sizes(entries, size_control)]
+    named = [(cfg, combo, _chain_label(cfg.upstream, "-then-") + _compose_name(cfg, combo)) for cfg, combo in entries]
     # Trials the naming rule cannot tell apart all get a suffix from what varies for them (never
     # from where the study runs), whatever their order: a name always means the same trial.
     taken = Counter(name for _, _, name in named)
     trials = [cfg.replace(out=storage.join(storage_root, name if taken[name] == 1 else f"{name}-{_digest(combo)}"))
               for cfg, combo, name in named]
+    trials = place_upstreams(trials, storage_root)
     for t in trials:
         name = trial_name(t)
         if len(name.encode()) > NAME_MAX:
             raise ConfigError(f"{origin}: trial name {name[:48]}... is {len(name.encode())} bytes, over the "
                               f"{NAME_MAX} a folder name may have: shorten the grid's values")
     return trials
+
+
+# --------------------------------------------------------------------------------------------
+# Stages: trials that start from an upstream trial, run once for all that share it
+# --------------------------------------------------------------------------------------------
+STAGES = "stages"    # a combo's key: the stages before its trial, each a mapping of settings over the base
+
+
+def _method_defaults(cfg: RunConfig) -> RunConfig:
+    """An axis of one method's setting (alpha, pcgrad_on, ...) does not repeat the other methods."""
+    defaults = CombinerConfig()
+    return cfg.replace(**{f"combiner.{k}": getattr(defaults, k) for k in cfg.combiner.unused()})
+
+
+def _stage_chain(stage_list: list[dict] | None, base: RunConfig, fixed: dict, seed: int) -> dict | None:
+    """The upstream chain of ``stage_list`` (each stage: the grid's base and fixed settings, the
+    trial's seed, then the stage's own settings), as a config's ``upstream``; its folders are
+    placed later (``place_upstreams``)."""
+    upstream = None
+    for i, settings in enumerate(stage_list or []):
+        stage = base.replace(**{**fixed, "seed": seed, "carry_heads": False, **settings, "upstream": upstream,
+                                "out": storage.join(base.out, "stages", str(i))})
+        upstream = _method_defaults(stage).to_dict()
+    return upstream
+
+
+def _pin_stages(cfg: RunConfig) -> RunConfig:
+    """A trial's undersampling stages see per epoch as many examples of each task as the trial
+    itself was pinned to (size control reaches the whole chain), so a stage equal to a trial of
+    the study is that trial, run once."""
+    n = cfg.data.examples_per_task
+    if cfg.upstream is None or not n or cfg.data.epoch_mode != "min_size":
+        return cfg
+    chain = None
+    for stage in links(cfg)[:-1]:
+        if stage.data.epoch_mode == "min_size" and not stage.data.examples_per_task and \
+                _TrainRows.source(stage) == _TrainRows.source(cfg):
+            stage = stage.replace(**{"data.examples_per_task": n})
+        chain = stage.replace(upstream=chain).to_dict()
+    return cfg.replace(upstream=chain)
+
+
+def _chain_label(upstream: RunConfig | None, tail: str = "") -> str:
+    """mlm-then-nli for a chain MLM, then NLI ('' without one): the start of its dependents' names."""
+    return "" if upstream is None else "-then-".join("+".join(s.data.tasks) for s in links(upstream)) + tail
+
+
+def place_upstreams(trials: list[RunConfig], storage_root: str) -> list[RunConfig]:
+    """Every upstream stage the trials start from, once per identity, in its own folder at the
+    storage root (``<chain>-s<seed>``), listed before the trials that depend on it (shallowest
+    first); each trial's upstream then names that folder.  Trials sharing a stage prefix share
+    its one run."""
+    unique: dict[str, RunConfig] = {}
+    for t in trials:
+        for stage in links(t)[:-1]:
+            unique.setdefault(stage.fingerprint(), stage)
+    listed = {t.fingerprint(): t for t in trials}       # a stage that is a trial of the study is that trial
+    names = {fp: f"{_chain_label(s)}-s{s.seed}" for fp, s in unique.items()}
+    taken = Counter(names.values())
+    placed: dict[str, RunConfig] = {}
+    for fp, stage in sorted(unique.items(), key=lambda kv: len(links(kv[1]))):   # an upstream before its own
+        name = names[fp] if taken[names[fp]] == 1 else f"{names[fp]}-{fp[:6]}"
+        up = placed[stage.upstream.fingerprint()].to_dict() if stage.upstream is not None else None
+        out = listed[fp].out if fp in listed else storage.join(storage_root, name)
+        placed[fp] = stage.replace(out=out, upstream=up)
+    ordered = list(placed.values())
+    for t in trials:
+        if t.fingerprint() not in placed:
+            ordered.append(t if t.upstream is None else t.replace(upstream=placed[t.upstream.fingerprint()].to_dict()))
+    return ordered
+
+
+def upstream_of(trial: RunConfig) -> str | None:
+    """The folder of the trial this one starts from, or None: the one dependency a backend honours."""
+    return trial.upstream.out if trial.upstream is not None else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,7 +440,7 @@ def check_storage(trials: list[RunConfig]) -> None:
 
 # Axes the name already shows (tasks, method, alpha, seed, a baseline's size) or leaves out (workers).
 SHORT = {"parallel.workers", "data.tasks", "combiner.combiner", "seed", "combiner.alpha", "combiner.weights",
-         "data.examples_per_task"}
+         "data.examples_per_task", STAGES, "carry_heads"}
 
 
 def _compose_name(cfg: RunConfig, varied: dict) -> str:
@@ -353,6 +458,8 @@ def _compose_name(cfg: RunConfig, varied: dict) -> str:
             parts.append(f"{key.rsplit('.', 1)[-1]}{value}")
     if "data.examples_per_task" in varied:
         parts.append(f"n{varied['data.examples_per_task']}")
+    if cfg.carry_heads:
+        parts.append("carry")
     parts.append(f"s{cfg.seed}")
     return "-".join(str(p).replace("/", "_").replace(" ", "") for p in parts)
 

@@ -8,7 +8,7 @@ from cluster.report.comparisons import alpha_curves, grouping_order, method_orde
 from cluster.report.formatting import marks_in_use, pct, size_mark
 from cluster.report.reading import Trial
 from cluster.report.stats import Summary, compare_on_common
-from mtl.config import TASK_NAMES
+from mtl.task_specs import order
 from mtl.tasks import TASKS
 
 
@@ -16,7 +16,7 @@ def answers(trials: list[Trial], summaries: dict[tuple, Summary], dm: dict[tuple
     """Sentences written from the numbers."""
     mean = {k: s.mean for k, s in summaries.items()}
     lines = []
-    for task in TASK_NAMES:
+    for task in order(k[0] for k in mean):
         mine = {k: v for k, v in mean.items() if k[0] == task}
         if not mine:
             continue

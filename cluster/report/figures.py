@@ -12,7 +12,7 @@ import numpy as np
 
 from cluster.report.comparisons import method_order
 from cluster.report.formatting import size_mark
-from mtl.config import TASK_NAMES
+from mtl.task_specs import order
 from mtl.tasks import TASKS
 
 
@@ -133,7 +133,7 @@ def _place_labels(ax, labels) -> None:
 def alpha_figure(curves) -> bytes:
     import matplotlib.pyplot as plt          # lazily: see the module's docstring
 
-    tasks = sorted({t for t, _ in curves}, key=TASK_NAMES.index)
+    tasks = order(t for t, _ in curves)
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for (t, grouping), c in sorted(curves.items()):

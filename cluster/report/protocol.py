@@ -9,7 +9,7 @@ from cluster.report.comparisons import Analysis, Change, dev_noise, grouping_ord
 from cluster.report.formatting import NOT_SIZED, SIZE_UNKNOWN, cost_note, count_text
 from cluster.report.reading import Trial, done_trials
 from cluster.report.stats import ALPHA
-from mtl.config import TASK_NAMES
+from mtl.task_specs import order
 from mtl.tasks import TASKS
 
 
@@ -50,7 +50,7 @@ def protocol(analysis: Analysis) -> list[str]:
                   "dev set alone produces: " + "; ".join(
                       f"{TASKS[t].title} ±{v['half_width']:.1f} points ({'/'.join(f'{r:,}' for r in v['rows'])} dev "
                       f"rows, {v['n']} changes)"
-                      for t, v in sorted(noise.items(), key=lambda kv: TASK_NAMES.index(kv[0])))
+                      for t, v in ((t, noise[t]) for t in order(noise)))
                   + ". Smaller changes are not distinguishable from it on one run.")
     missing = [c for c in change_list if c.lo is None]
     if missing:
@@ -89,8 +89,7 @@ def size_protocol(trials: list[Trial], change_list: list[Change]) -> list[str]:
                          for task, v in per_group[grouping].items())
         return text if "+" not in grouping else f"{grouping}: {text}"
 
-    singles = [g for g in sorted(per_group, key=lambda g: TASK_NAMES.index(g) if g in TASK_NAMES else 9)
-               if "+" not in g]
+    singles = order(g for g in per_group if "+" not in g)
     multis = sorted((g for g in per_group if "+" in g), key=grouping_order)
     listing = (f"single-task baselines: {'; '.join(describe(g) for g in singles)}. " if singles else "") + \
         (f"Multi-task trials: {'; '.join(describe(g) for g in multis)}." if multis else "")

@@ -14,7 +14,7 @@ from cluster.report.formatting import COST_HEAD, change_text, cost_text, pct, se
 from cluster.report.protocol import protocol
 from cluster.report.reading import Trial
 from cluster.report.stats import compare_on_common, mean_std
-from mtl.config import TASK_NAMES
+from mtl.task_specs import order
 from mtl.tasks import TASKS
 
 
@@ -49,7 +49,7 @@ def protocol_section(analysis: Analysis, out: ReportFiles) -> None:
 
 def task_sections(analysis: Analysis, out: ReportFiles) -> None:
     """One section per task run with others: its score table (scores.csv) and its change heatmap."""
-    for task in TASK_NAMES:
+    for task in order(k[0] for k in analysis.scores):
         groupings = sorted({k[1] for k in analysis.scores if k[0] == task and "+" in k[1]}, key=grouping_order)
         if not groupings:
             continue
@@ -247,7 +247,7 @@ def best_models_section(analysis: Analysis, out: ReportFiles) -> None:
 def _best_models(analysis: Analysis) -> dict[str, tuple[Trial, bytes | None, str]]:
     """The trial with the best score of each task, and a figure of its dev predictions (or why not)."""
     out = {}
-    for task in TASK_NAMES:
+    for task in order(task for t in analysis.done for task in t.scores):
         candidates = [t for t in analysis.done if task in t.scores]
         if not candidates:
             continue
