@@ -72,7 +72,7 @@ def parse_tasks(value: str | list[str] | tuple[str, ...], user: tuple[str, ...] 
     the run's task specs, in the order given)."""
     names = [t.strip() for t in value.split(",")] if isinstance(value, str) else list(value)
     names = [t for t in names if t]
-    known = (*TASK_NAMES, *user)
+    known = (*task_specs.BUILTIN, *user)
     _require(bool(names), "data.tasks", "at least one task is needed")
     for name in names:
         _require(name in known, "data.tasks", f"unknown task {name!r} (known: {', '.join(known)}; "

@@ -41,6 +41,7 @@ class RawSplit:
     skipped: int
     digest: str    # of the file's bytes: part of the tokenization cache key
     ids: list[str] = field(default_factory=list)    # the file's "id" column (row numbers if it has none)
+    parts: list["RawSplit"] = field(default_factory=list)    # an mlm task's: the source splits it reads
 
     @property
     def labelled(self) -> bool:
@@ -54,6 +55,8 @@ def read_split(data_dir: str, task: TaskSpec, split: str, on_bad_row: str = "err
                labels_optional: bool = False) -> RawSplit:
     """Read one task file (tab-separated, header row, quoted fields) and check every row.
     With ``labels_optional`` a file without the label column (a test split) reads as unlabelled."""
+    if task.sources:
+        return _read_sentences(data_dir, task, split, on_bad_row, max_rows)
     url = storage.join(resolve_data_dir(data_dir), task.file(split))
     try:
         raw = storage.read_bytes(url)
@@ -75,7 +78,7 @@ def read_split(data_dir: str, task: TaskSpec, split: str, on_bad_row: str = "err
         raise DataError(f"{url}: file is empty (expected a header with {', '.join(needed)})")
     if isinstance(header, str):
         raise DataError(f"{url}:1: header: {header}")
-    labelled = not labels_optional or task.label_column in header
+    labelled = not task.mlm and (not labels_optional or task.label_column in header)
     if not labelled:
         needed = task.text_columns
     missing = [c for c in needed if c not in header]
@@ -107,6 +110,23 @@ def read_split(data_dir: str, task: TaskSpec, split: str, on_bad_row: str = "err
     return RawSplit(task.name, url, texts, labels, skipped, hashlib.sha256(raw).hexdigest(), ids)
 
 
+def _read_sentences(data_dir: str, task: TaskSpec, split: str, on_bad_row: str, max_rows: int) -> RawSplit:
+    """An mlm task's split: every sentence of its source tasks' split (both of a pair, each on its
+    own), in file order, duplicates kept: dropping them would change how often each sentence of
+    the tasks' data is seen."""
+    from mtl.tasks import TASKS    # the registry: a source may be any task, built-in or the user's
+
+    unknown = [s for s in task.sources if s not in TASKS]
+    if unknown:
+        raise DataError(f"task {task.name}: source {unknown[0]!r} is not a known task")
+    parts = [read_split(data_dir, TASKS[s], split, on_bad_row, max_rows) for s in task.sources]
+    texts = [(sentence,) for part in parts for row in part.texts for sentence in row]
+    ids = [f"{part.task}:{i}:{j}" for part in parts for i, row in zip(part.ids, part.texts) for j in range(len(row))]
+    digest = hashlib.sha256(" ".join(p.digest for p in parts).encode()).hexdigest()
+    url = storage.join(resolve_data_dir(data_dir), f"{task.name}({'+'.join(task.sources)})-{split}")
+    return RawSplit(task.name, url, texts, [0.0] * len(texts), sum(p.skipped for p in parts), digest, ids, parts)
+
+
 def read_data(cfg: RunConfig, tasks: list[TaskSpec]) -> tuple[dict[str, RawSplit], dict[str, RawSplit]]:
     """A trial's train and dev splits of every task, with its row limits."""
     d = cfg.data
@@ -118,16 +138,22 @@ def read_data(cfg: RunConfig, tasks: list[TaskSpec]) -> tuple[dict[str, RawSplit
 def data_record(splits: list[RawSplit]) -> dict[str, str]:
     """File name -> sha256 of its bytes, for the files a trial read: saved with its checkpoints
     and results, so a resume or a rerun on other rows at the same path is refused."""
-    return {s.url.rsplit("/", 1)[-1]: s.digest for s in splits}
+    files = [p for s in splits for p in (s.parts or [s])]      # an mlm task's: the files it read
+    return {s.url.rsplit("/", 1)[-1]: s.digest for s in files}
 
 
 def file_digests(data_dir: str, tasks: list[TaskSpec], splits=("train", "dev"),
                  cache: dict[str, str] | None = None) -> dict[str, str]:
     """The same record computed from the files as they are now (bytes read and hashed, not
     parsed).  ``cache``: url -> digest, shared by one caller's many trials of the same files."""
+    from mtl.tasks import TASKS    # an mlm task's sources, from the registry
+
     cache = {} if cache is None else cache
     out = {}
     for task in tasks:
+        if task.sources:
+            out.update(file_digests(data_dir, [TASKS[s] for s in task.sources if s in TASKS], splits, cache))
+            continue
         for split in splits:
             url = storage.join(resolve_data_dir(data_dir), task.file(split))
             if url not in cache:
@@ -203,6 +229,15 @@ class Segment:
 
 
 @dataclass
+class Masking:
+    """What an mlm task's batches are masked with: the tokenizer's [MASK] id, its vocabulary
+    size and its special ids (never masked)."""
+    mask_id: int
+    vocab_size: int
+    special_ids: torch.Tensor
+
+
+@dataclass
 class Encoded:
     """One split of one task, tokenized: one segment for single sentences and joint pairs,
     two (a, b) for siamese pairs."""
@@ -210,6 +245,7 @@ class Encoded:
     segments: list[Segment]
     labels: torch.Tensor
     pad_id: int
+    masking: Masking | None = None     # an mlm task's: its batches are masked as they are made
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -237,10 +273,11 @@ def encode_split(raw: RawSplit, task: TaskSpec, tokenizer, max_length: int, siam
         "columns": task.text_columns,
     }).encode()).hexdigest()[:24]
     cache_url = storage.join(cache_dir, f"{task.name}-{key}.pt") if cache_dir else None
+    masking = _masking(tokenizer) if task.mlm else None
     if cache_url and storage.exists(cache_url):
         try:
             blob = storage.load_torch(cache_url)
-            return Encoded(task.name, [Segment(**s) for s in blob["segments"]], blob["labels"], blob["pad_id"])
+            return Encoded(task.name, [Segment(**s) for s in blob["segments"]], blob["labels"], blob["pad_id"], masking)
         except Exception as exc:  # a damaged cache entry is rebuilt, never trusted
             log.warning("ignoring unreadable token cache %s: %s", cache_url, exc)
     columns = list(zip(*raw.texts))
@@ -248,11 +285,18 @@ def encode_split(raw: RawSplit, task: TaskSpec, tokenizer, max_length: int, siam
         segments = [_tokenize(tokenizer, list(columns[0]), list(columns[1]), max_length)]
     else:
         segments = [_tokenize(tokenizer, list(col), None, max_length) for col in columns]
-    enc = Encoded(task.name, segments, torch.tensor(raw.labels, dtype=torch.float32), tokenizer.pad_token_id or 0)
+    enc = Encoded(task.name, segments, torch.tensor(raw.labels, dtype=torch.float32), tokenizer.pad_token_id or 0,
+                  masking)
     if cache_url:
         storage.save_torch(cache_url, {"segments": [s.to_dict() for s in segments],
                                        "labels": enc.labels, "pad_id": enc.pad_id})
     return enc
+
+
+def _masking(tokenizer) -> Masking:
+    if tokenizer.mask_token_id is None:
+        raise DataError(f"task mlm: the tokenizer of {tokenizer.name_or_path} has no [MASK] token")
+    return Masking(tokenizer.mask_token_id, len(tokenizer), torch.tensor(sorted(tokenizer.all_special_ids)))
 
 
 def _tokenize(tokenizer, first: list[str], second: list[str] | None, max_length: int) -> Segment:
@@ -321,8 +365,21 @@ def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def make_batch(enc: Encoded, index: torch.Tensor, pad_multiple: int = 1) -> TaskBatch:
-    return TaskBatch([pad_batch(seg, index, enc.pad_id, pad_multiple) for seg in enc.segments], enc.labels[index])
+def make_batch(enc: Encoded, index: torch.Tensor, pad_multiple: int = 1, mask_seed: int | None = None) -> TaskBatch:
+    """The examples ``index`` of a split, padded; an mlm task's masked (BERT's 15%, 80/10/10) by a
+    generator seeded with ``mask_seed``, its labels then the masked tokens ([B, L], -100 elsewhere)."""
+    batch = TaskBatch([pad_batch(seg, index, enc.pad_id, pad_multiple) for seg in enc.segments], enc.labels[index])
+    if enc.masking is None:
+        return batch
+    if mask_seed is None:
+        raise ValueError(f"task {enc.task}: an mlm batch needs a mask seed")
+    from mtl.mlm import mask_tokens, special_mask
+
+    m, inputs = enc.masking, batch.inputs[0]
+    gen = torch.Generator().manual_seed(mask_seed)
+    ids, labels = mask_tokens(inputs["input_ids"], inputs["attention_mask"],
+                              special_mask(inputs["input_ids"], m.special_ids), m.mask_id, m.vocab_size, gen)
+    return TaskBatch([{**inputs, "input_ids": ids}], labels)
 
 
 # --------------------------------------------------------------------------------------------

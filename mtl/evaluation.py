@@ -10,6 +10,9 @@ from mtl.model import MultiTaskModel
 from mtl.tasks import TASKS
 
 
+EVAL_MASK_SEED = 7_000_003
+
+
 @torch.no_grad()
 def predict(model: MultiTaskModel, dev: dict, batch_size: int, autocast, device,
             pad_multiple: int = 1) -> dict[str, torch.Tensor]:
@@ -22,10 +25,13 @@ def predict(model: MultiTaskModel, dev: dict, batch_size: int, autocast, device,
         order = eval_order(enc)
         preds = []
         for chunk in order.split(batch_size):
+            # An mlm task's dev masks are fixed (by each chunk's first example): every evaluation
+            # scores the same masked tokens.
+            batch = make_batch(enc, chunk, pad_multiple, mask_seed=EVAL_MASK_SEED + int(chunk[0]))
             with autocast():
-                out = model.task_output(task, make_batch(enc, chunk, pad_multiple).to(device))
+                out = model.task_output(task, batch.to(device))
             preds.append(spec.output(out).cpu())
-        pred = torch.empty(len(enc), dtype=preds[0].dtype)
+        pred = torch.empty((len(enc), *preds[0].shape[1:]), dtype=preds[0].dtype)
         pred[order] = torch.cat(preds)
         predictions[task] = pred
     model.train(was_training)

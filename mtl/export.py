@@ -47,8 +47,8 @@ def save_best(out: str, model, weights: dict, tokenizer, meta: dict, predictions
         storage.upload_files(local, storage.join(folder, ENCODER))
     finally:
         shutil.rmtree(local, ignore_errors=True)
-    heads = {k: v.detach().cpu().contiguous() for k, v in weights.items() if k.startswith("heads.")}
-    storage.write_bytes(storage.join(folder, HEADS), save(heads))
+    heads = _untied({k: v for k, v in weights.items() if k.startswith("heads.")}, weights)
+    storage.write_bytes(storage.join(folder, HEADS), save({k: v.detach().cpu().contiguous() for k, v in heads.items()}))
     storage.write_text(storage.join(folder, PREDICTIONS), json.dumps(predictions))
     storage.write_text(storage.join(folder, META), json.dumps(meta, indent=2))
 
@@ -101,11 +101,34 @@ def load_best(path: str, device: str = "cpu"):
         raise CheckpointError(f"{heads_url}: cannot load the heads ({_first_line(exc)}): truncated or not "
                               "safetensors; rerun the trial") from None
     missing, unexpected = model.load_state_dict(heads, strict=False)
-    heads_missing = [k for k in missing if k.startswith("heads.")]
+    tied = _tied_names(model)
+    heads_missing = [k for k in missing if k.startswith("heads.") and k not in tied]
     if heads_missing or unexpected:
         raise CheckpointError(f"{folder}/{HEADS}: does not fit the trial's heads "
                               f"(missing {heads_missing[:2]}, unexpected {unexpected[:2]})")
     return model.to(device).eval(), cfg, meta, tokenizer
+
+
+def _untied(heads: dict, weights: dict) -> dict:
+    """The heads' tensors less those tied to another (a masked-LM head's decoder weight is the
+    encoder's embeddings, its decoder bias its own bias): safetensors stores one name per
+    storage, and the model ties them again when it is built."""
+    seen = {v.data_ptr() for k, v in weights.items() if not k.startswith("heads.") and v.numel()}
+    out = {}
+    for name, tensor in heads.items():
+        if tensor.numel() and tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        out[name] = tensor
+    return out
+
+
+def _tied_names(model) -> set[str]:
+    """State-dict names whose tensor another name holds too (kept once by ``_untied``)."""
+    by_ptr: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        by_ptr.setdefault(tensor.data_ptr(), []).append(name)
+    return {n for names in by_ptr.values() if len(names) > 1 for n in names}
 
 
 def _first_line(exc: BaseException) -> str:

@@ -84,6 +84,8 @@ def build_heads(tasks: list[TaskSpec], cfg: ModelConfig, width: int) -> nn.Modul
     hidden = cfg.head_hidden or width
     heads = {}
     for t in tasks:
+        if t.mlm:
+            continue                  # the masked-LM head: MultiTaskModel ties it to the encoder
         siamese_pair = t.is_pair and cfg.pair_encoding == "siamese"
         if siamese_pair and t.regression and cfg.sim_head == "cosine":
             continue
@@ -97,6 +99,11 @@ class MultiTaskModel(nn.Module):
         self.encoder, self.cfg = encoder, cfg
         self.tasks = {t.name: t for t in tasks}
         self.heads = build_heads(tasks, cfg, encoder.config.hidden_size)
+        for t in tasks:
+            if t.mlm:
+                from mtl.mlm import build_mlm_head    # transformers' masked-LM classes: only for an mlm task
+
+                self.heads[t.name], _ = build_mlm_head(cfg.model, encoder)
         # The pooled vectors of the last forward, per task (PCGrad's representation mode reads them).
         self.last_pooled: dict[str, torch.Tensor] = {}
 
@@ -113,6 +120,8 @@ class MultiTaskModel(nn.Module):
 
     def task_output(self, task: str, batch: TaskBatch) -> torch.Tensor:
         """Logits (SEN, PAR) or a score in 0..5 (SIM) for one task's batch."""
+        if self.tasks[task].mlm:
+            return self._masked_lm(task, batch)
         if len(batch.inputs) == 1:
             features = self.last_pooled[task] = self.pool(batch.inputs[0])
         else:
@@ -122,6 +131,19 @@ class MultiTaskModel(nn.Module):
                 return (low + (high - low) * F.cosine_similarity(u.float(), v.float(), dim=-1)).unsqueeze(-1)
             features = torch.cat([u, v, (u - v).abs()], dim=-1)
         return self.tasks[task].activate(self.heads[task](features))
+
+    def _masked_lm(self, task: str, batch: TaskBatch) -> torch.Tensor:
+        """Per example [summed cross-entropy of its masked tokens, how many it got right, how many
+        were masked]: the head runs on the masked positions only (~15% of the [B, L, V] logits;
+        the boolean selection is a host sync on a GPU)."""
+        hidden = self.encoder(**batch.inputs[0]).last_hidden_state
+        keep = batch.labels != -100
+        rows = keep.nonzero()[:, 0]
+        logits = self.heads[task](hidden[keep]).float()
+        target = batch.labels[keep]
+        ce = F.cross_entropy(logits, target, reduction="none")
+        per_token = torch.stack([ce, (logits.argmax(-1) == target).float(), torch.ones_like(ce)], dim=1)
+        return torch.zeros(len(keep), 3, device=ce.device).index_add(0, rows, per_token)
 
     def _pool_pair(self, inputs: list[dict[str, torch.Tensor]], task: str) -> tuple[torch.Tensor, torch.Tensor]:
         # Both sentences go through the encoder in one call: half the kernel launches.

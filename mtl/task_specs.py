@@ -26,12 +26,14 @@ import re
 
 from mtl.errors import ConfigError, NotFound
 
-KINDS = ("classification", "binary", "regression")
-LOSSES = {"classification": ("cross_entropy",), "binary": ("bce",), "regression": ("mse", "l1", "smooth_l1")}
-METRICS = {"classification": ("acc", "f1_macro"), "binary": ("acc", "f1"), "regression": ("pearson", "spearman")}
+KINDS = ("classification", "binary", "regression", "mlm")
+LOSSES = {"classification": ("cross_entropy",), "binary": ("bce",), "regression": ("mse", "l1", "smooth_l1"),
+          "mlm": ("mlm",)}
+METRICS = {"classification": ("acc", "f1_macro"), "binary": ("acc", "f1"), "regression": ("pearson", "spearman"),
+           "mlm": ("masked_acc",)}
 FIELDS = ("name", "title", "files", "text_columns", "label_column", "kind", "classes", "labels", "range", "loss",
-          "metrics", "primary_metric", "output_header")
-RESERVED = {"mean", "mlm"}     # 'mean' is a select_metric; 'mlm' names the pretraining stage's task
+          "metrics", "primary_metric", "output_header", "sources")
+RESERVED = {"mean"}     # a select_metric
 NAME = re.compile(r"[a-z][a-z0-9_]{0,31}$")
 
 _BUILTIN_SPECS = {
@@ -43,6 +45,8 @@ _BUILTIN_SPECS = {
     "sts": {"name": "sts", "title": "SIM", "files": "sts-{split}.csv", "text_columns": ["sentence1", "sentence2"],
             "label_column": "similarity", "kind": "regression", "range": [0, 5],
             "output_header": "Predicted_Similiary"},    # sic: the course's leaderboard spells it so
+    # Further pretraining on the three tasks' own sentences (the pretraining study's MLM stage).
+    "mlm": {"name": "mlm", "title": "MLM", "kind": "mlm", "sources": ["sst", "para", "sts"]},
 }
 
 
@@ -61,6 +65,8 @@ def normalise(spec, where: str) -> dict:
     if kind not in KINDS:
         raise bad("kind", f"{kind!r} is not one of {', '.join(KINDS)}")
     out = {"name": name, "title": _text(spec.get("title", name.upper()), "title", bad), "kind": kind}
+    if kind == "mlm":
+        return _mlm(spec, out, bad)
     files = _text(spec.get("files", f"{name}-{{split}}.csv"), "files", bad)
     if "{split}" not in files or "/" in files.replace("{split}", ""):
         raise bad("files", f"{files!r} must hold {{split}} and name a file under --data-dir, such as {name}-{{split}}.csv")
@@ -76,6 +82,38 @@ def normalise(spec, where: str) -> dict:
     out.update(_labels(spec, kind, bad))
     out.update(_loss_and_metrics(spec, kind, bad))
     out["output_header"] = _text(spec.get("output_header", f"Predicted_{out['title']}"), "output_header", bad)
+    out["sources"] = None
+    return out
+
+
+def _mlm(spec: dict, out: dict, bad) -> dict:
+    """Masked language modelling on text: the sentences of other tasks' files (``sources``: their
+    train split to train on, their dev split held out), or a corpus of its own (``files`` with one
+    text column, dev split held out).  Labels are the masked tokens: no label column."""
+    for field in ("label_column", "classes", "labels", "range", "output_header"):
+        if spec.get(field) is not None:
+            raise bad(field, "does not apply to kind mlm (its labels are the masked tokens)")
+    sources, files = spec.get("sources"), spec.get("files")
+    if (sources is None) == (files is None):
+        raise bad("sources", "an mlm task reads either the sentences of other tasks (sources: [sst, ...]) or "
+                             "files of its own (files and one text column)")
+    if sources is not None:
+        if (not isinstance(sources, list) or not sources or len(set(map(str, sources))) != len(sources)
+                or not all(isinstance(t, str) and NAME.match(t) for t in sources)):
+            raise bad("sources", f"{sources!r} is not a list of distinct task names")
+        if spec.get("text_columns") is not None:
+            raise bad("text_columns", "comes from the sources")
+        out.update(files=None, text_columns=[])
+    else:
+        columns = spec.get("text_columns")
+        if not isinstance(columns, list) or len(columns) != 1 or not isinstance(columns[0], str) or not columns[0]:
+            raise bad("text_columns", "an mlm corpus has one text column")
+        out.update(files=_text(files, "files", bad), text_columns=list(columns))
+        if "{split}" not in out["files"]:
+            raise bad("files", f"{files!r} must hold {{split}} (train is trained on, dev held out)")
+    out.update(label_column=None, classes=None, labels=None, range=None, sources=list(sources) if sources else None,
+               output_header="")
+    out.update(_loss_and_metrics(spec, "mlm", bad))
     return out
 
 

@@ -31,10 +31,14 @@ class TaskSpec:
     output_header: str = ""                # the leaderboard CSV's prediction column
     label_range: tuple[float, float] = (0.0, 1.0)   # regression: what the head's activation maps onto
     label_names: tuple[str, ...] = ()      # the file's label texts, in class order ('' : numbers)
+    sources: tuple[str, ...] = ()          # an mlm task on other tasks' sentences: those tasks
+    mlm: bool = False                      # masked language modelling: the labels are masked tokens
 
     def kpi(self, output: torch.Tensor, labels: torch.Tensor) -> float:
         """A batch's score in [0, 1]: accuracy, or Pearson's r mapped from [-1, 1]."""
         pred = self.output(output.detach()).cpu()
+        if self.mlm:
+            return _masked_acc(pred)
         if self.regression:
             return (scores.pearson(pred, labels.cpu()) + 1.0) / 2.0
         return scores.accuracy(pred, labels.cpu().long())
@@ -134,8 +138,27 @@ def _metric(name: str, classes: int) -> Callable[[torch.Tensor, torch.Tensor], f
             "pearson": scores.pearson, "spearman": scores.spearman}[name]
 
 
+def _masked_acc(pred: torch.Tensor) -> float:
+    """Masked-token accuracy from per-example (correct, masked) counts."""
+    return float(pred[:, 0].sum() / pred[:, 1].sum().clamp(min=1))
+
+
+def _build_mlm(spec: dict) -> TaskSpec:
+    """An mlm task's head (mtl.model) returns per example: the summed cross-entropy of its
+    masked tokens, how many it predicted right, and how many were masked.  The loss is the
+    first, summed over examples and divided by their global count as every task's is."""
+    return TaskSpec(
+        name=spec["name"], title=spec["title"], files=spec["files"] or "", text_columns=tuple(spec["text_columns"]),
+        label_column="", num_outputs=0, primary_metric="masked_acc", parse_label=float,
+        loss=lambda out, y: out[:, 0].float(), output=lambda out: out[:, 1:].float(),
+        metrics=lambda p, y: {"masked_acc": _masked_acc(p)}, metric_names=("masked_acc",),
+        sources=tuple(spec["sources"] or ()), mlm=True)
+
+
 def build(spec: dict) -> TaskSpec:
     """The TaskSpec of a normalised spec (mtl.task_specs.normalise)."""
+    if spec["kind"] == "mlm":
+        return _build_mlm(spec)
     kind, names = spec["kind"], tuple(spec["metrics"])
     fns = {m: _metric(m, spec["classes"] or 2) for m in names}
     return TaskSpec(

@@ -277,7 +277,7 @@ class Trainer:
             combiner.see_step_losses(self.step_losses(planned))     # accumulation: an extra forward
         for i, micro in enumerate(planned.micro):
             last = i == len(planned.micro) - 1
-            batches = self.batches(micro)
+            batches = self.batches(micro, i)
             with strategy.accumulating(last, combiner):
                 with strategy.autocast():
                     outputs = strategy.forward(batches)
@@ -293,9 +293,12 @@ class Trainer:
                 task_loss[t] = task_loss[t] + loss.detach().float() if t in task_loss else loss.detach().float()
         return task_loss, total, probed
 
-    def batches(self, micro: dict) -> dict:
-        """One micro-batch of every task in it, padded and on the device."""
-        return {t: make_batch(self.train_sets[t], idx, self.cfg.pad_multiple).to(self.dist.device)
+    def batches(self, micro: dict, index: int = 0) -> dict:
+        """One micro-batch of every task in it, padded and on the device.  An mlm task's masks
+        are seeded by the step's seed (which has the rank in it) and the micro-batch: like
+        dropout, drawn afresh each step, and the same again when a step is replayed or resumed."""
+        return {t: make_batch(self.train_sets[t], idx, self.cfg.pad_multiple,
+                              mask_seed=(self.step_seed * 31 + index) % 2 ** 63).to(self.dist.device)
                 for t, idx in micro.items()}
 
     def shares(self, outputs: dict, batches: dict, planned: Step) -> dict[str, torch.Tensor]:
@@ -319,8 +322,8 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(self.step_seed)
-            for micro in planned.micro:
-                batches = self.batches(micro)
+            for i, micro in enumerate(planned.micro):
+                batches = self.batches(micro, i)
                 with self.strategy.autocast():
                     outputs = self.strategy.forward(batches)
                 for t, loss in self.shares(outputs, batches, planned).items():

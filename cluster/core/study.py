@@ -87,6 +87,26 @@ def methods_axes() -> list[dict]:
     return trials
 
 
+NLI_SPEC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                        "mtl", "sample_data", "nli.yaml")
+
+
+def pretraining_axes() -> list[dict]:
+    """Does further pretraining help?  No further pretraining; MLM on the three tasks' own training
+    sentences; MLM, then an NLI task (the shipped spec: nli-{train,dev}.csv under --data-dir; a
+    small synthetic sample under the default): each with addition and PCGrad on the three tasks,
+    and each with its own single-task baselines (a change compares runs of the same pretraining).
+    MLM and MLM-then-NLI are upstream stages: each runs once per seed for all that start from it."""
+    mlm = {"data.tasks": "mlm", "combiner.combiner": "sum"}
+    nli = {"data.tasks": "nli", "data.task_specs": NLI_SPEC, "combiner.combiner": "sum"}
+    trials = []
+    for stage_list in ([], [mlm], [mlm, nli]):
+        extra = {STAGES: stage_list} if stage_list else {}
+        trials += [{"data.tasks": t, "combiner.combiner": "sum", **extra} for t in SINGLES]
+        trials += [{"data.tasks": ",".join(TASK_NAMES), "combiner.combiner": c, **extra} for c in ("sum", "pcgrad")]
+    return trials
+
+
 def sequential_axes() -> list[dict]:
     """Joint or one task after another?  The single-task baselines; the three tasks trained
     jointly; sequentially (SST, then Quora, then STS: a chain of single-task stages); and jointly,
@@ -114,7 +134,7 @@ SAMPLING_FIXED_N = 2000      # the sampling grid's fixed n: about the smallest t
 
 
 NAMED = {"pairings": pairings_axes, "weighting": weighting_axes, "methods": methods_axes, "smoke": smoke_axes,
-         "sequential": sequential_axes, "sampling": sampling_axes}
+         "pretraining": pretraining_axes, "sequential": sequential_axes, "sampling": sampling_axes}
 
 
 def yaml_axes(path: str) -> tuple[list[dict], dict]:

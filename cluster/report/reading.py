@@ -11,6 +11,7 @@ import numpy as np
 
 from mtl import storage
 from mtl.config import RunConfig
+from mtl.stages import links
 from mtl.errors import MtlError
 from mtl.monitor import flatten
 from mtl.tasks import TASKS
@@ -149,7 +150,7 @@ def _read_trial(root: str, name: str) -> Trial:
         return unreadable(f"its config does not load ({_one_line(exc)})")
     method, weights = method_of(cfg)
     trial = Trial(name, status, cfg.data.tasks, method, seed=cfg.seed, weights=weights,
-                  error=str(res.get("error", "")), folder=folder, identity=flatten(cfg.identity()))
+                  error=str(res.get("error", "")), folder=folder, identity=report_identity(cfg))
     if status == "done":
         metrics = res["best"]["metrics"]
         for task in cfg.data.tasks:
@@ -221,6 +222,16 @@ def _examples_per_epoch(res: dict, cfg: RunConfig) -> dict:
 # baseline of another size is another baseline row, not another variant).
 _SHOWN = ("data.tasks", "combiner.", "seed", "parallel.", "optim.batch_size", "optim.grad_accum",
           "data.examples_per_task")
+
+
+def report_identity(cfg: RunConfig) -> dict:
+    """The trial's identity, flat, with its upstream chain as one setting: ``after`` = the stages'
+    tasks (mlm, then nli: 'mlm > nli'; heads carried or an encoder frozen say so), so a pretraining
+    variant is one part of a row label and baselines match on it like any other variant."""
+    flat = {k: v for k, v in flatten(cfg.identity()).items() if not k.startswith("upstream.")}
+    if cfg.upstream is not None:
+        flat["after"] = " > ".join("+".join(s.data.tasks) for s in links(cfg.upstream))
+    return flat
 
 
 def _name_variants(trials: list[Trial]) -> None:
