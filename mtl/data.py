@@ -17,6 +17,7 @@ from mtl import storage
 from mtl.config import DEFAULT_DATA, DataConfig, OptimConfig, RunConfig
 from mtl.dist import DistContext
 from mtl.errors import DataError, NotFound
+from mtl.mlm import mask_tokens, special_mask
 from mtl.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -373,8 +374,6 @@ def make_batch(enc: Encoded, index: torch.Tensor, pad_multiple: int = 1, mask_se
         return batch
     if mask_seed is None:
         raise ValueError(f"task {enc.task}: an mlm batch needs a mask seed")
-    from mtl.mlm import mask_tokens, special_mask
-
     m, inputs = enc.masking, batch.inputs[0]
     gen = torch.Generator().manual_seed(mask_seed)
     ids, labels = mask_tokens(inputs["input_ids"], inputs["attention_mask"],

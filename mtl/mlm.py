@@ -90,7 +90,8 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, sp
 
 
 def build_mlm_head(model_path: str, encoder: nn.Module) -> tuple[nn.Module, bool]:
-    """The checkpoint's masked-LM head, hidden states [..., H] -> logits [..., V], its decoder
+    """The checkpoint's masked-LM head (``model_path``: a folder or hub name, as
+    mtl.model.resolve_model_path gives it), hidden states [..., H] -> logits [..., V], its decoder
     weight tied to ``encoder``'s input embeddings; and whether its weights came from the
     checkpoint (every head weight but the tied decoder weight, which BERT checkpoints do not
     store apart from the embeddings).  Without them, transformers initialises the head afresh.
@@ -109,14 +110,12 @@ def build_mlm_head(model_path: str, encoder: nn.Module) -> tuple[nn.Module, bool
     from transformers import AutoModelForMaskedLM
     from transformers.utils import logging as hf_logging
 
-    from mtl.model import resolve_model_path    # mtl.model imports torch: kept off `import mtl.mlm`
-
     hf_logging.disable_progress_bar()
     verbosity = hf_logging.get_verbosity()
     # The load report calls a head-less checkpoint "corrupted"; the returned flag says it plainly.
     hf_logging.set_verbosity_error()
     try:
-        model, info = AutoModelForMaskedLM.from_pretrained(resolve_model_path(model_path), output_loading_info=True)
+        model, info = AutoModelForMaskedLM.from_pretrained(model_path, output_loading_info=True)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"mlm: cannot load a masked-LM model from {model_path!r}: {exc}".splitlines()[0]) from None
     finally:

@@ -103,7 +103,7 @@ class MultiTaskModel(nn.Module):
             if t.mlm:
                 from mtl.mlm import build_mlm_head    # transformers' masked-LM classes: only for an mlm task
 
-                self.heads[t.name], _ = build_mlm_head(cfg.model, encoder)
+                self.heads[t.name], _ = build_mlm_head(resolve_model_path(cfg.model), encoder)
         # The pooled vectors of the last forward, per task (PCGrad's representation mode reads them).
         self.last_pooled: dict[str, torch.Tensor] = {}
 

@@ -23,7 +23,7 @@ def base(tiny_model_dir, out):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--tasks", "sst,nli"], "error: data.tasks: unknown task 'nli' (known: sst, para, sts; a task of your own needs its spec: --task-specs FILE)"),
+    (["--tasks", "sst,nli"], "error: data.tasks: unknown task 'nli' (known: sst, para, sts, mlm; a task of your own needs its spec: --task-specs FILE)"),
     (["--combiner", "scalarize", "--alpha", "1.5"], "error: combiner.alpha: 1.5 is outside [0, 1]"),
     (["--combiner", "nope"], "error: combiner.combiner: unknown method 'nope'"),
     (["--combiner", "scalarize", "--tasks", "sst,para", "--epoch-mode", "temperature"],

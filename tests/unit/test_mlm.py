@@ -151,7 +151,7 @@ def minilm():
 
     path = resolve_model_path("embedded:all-MiniLM-L6-v2")
     encoder = AutoModel.from_pretrained(path)
-    return encoder, *build_mlm_head("embedded:all-MiniLM-L6-v2", encoder)
+    return encoder, *build_mlm_head(resolve_model_path("embedded:all-MiniLM-L6-v2"), encoder)
 
 
 def test_the_embedded_minilm_has_no_mlm_head_and_gets_a_tied_fresh_one(minilm):

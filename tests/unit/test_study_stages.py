@@ -41,3 +41,15 @@ def test_the_sampling_grid_lists_every_epoch_mode(tmp_path):
     modes = sorted(t.data.epoch_mode for t in trials if len(t.data.tasks) == 3)
     assert modes == ["fixed_n", "max_size", "min_size", "proportional", "temperature"]
     assert len({trial_name(t) for t in trials}) == len(trials) == 8
+
+
+def test_the_pretraining_grid_dry_run_lists_upstream_stages_and_their_dependents(tmp_path, capsys):
+    from cluster.submit import main
+
+    assert main(["--backend", "submitit", "--grid", "pretraining", "--dry-run", "--storage", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith(f"{tmp_path}/mlm-s0\t") and "after=" not in lines[0]
+    assert lines[1].startswith(f"{tmp_path}/mlm-then-nli-s0\t") and lines[1].endswith("after=mlm-s0")
+    after = [line.rsplit("after=", 1)[-1] for line in lines[:-1] if "after=" in line]
+    assert after.count("mlm-s0") == 6 and after.count("mlm-then-nli-s0") == 5
+    assert lines[-1] == "17 trials (2 upstream stages, each run once before the 11 trials that start from them)"
