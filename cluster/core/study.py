@@ -122,12 +122,12 @@ def sequential_axes() -> list[dict]:
 def sampling_axes() -> list[dict]:
     """How to sample the tasks?  The three tasks by addition under every epoch mode: undersampling
     to the smallest (the reference), oversampling to the largest, a fixed n per task,
-    proportional and temperature (T=2) task sampling, beside the single-task baselines."""
-    all3 = {"data.tasks": ",".join(TASK_NAMES), "combiner.combiner": "sum"}
-    return [{"data.tasks": t, "combiner.combiner": "sum"} for t in SINGLES] + [
-        {**all3, "data.epoch_mode": "min_size"}, {**all3, "data.epoch_mode": "max_size"},
-        {**all3, "data.epoch_mode": "fixed_n", "data.examples_per_task": SAMPLING_FIXED_N},
-        {**all3, "data.epoch_mode": "proportional"}, {**all3, "data.epoch_mode": "temperature", "data.temperature": 2.0}]
+    proportional and temperature (T=2) task sampling; each mode with its own single-task
+    baselines (a mode sets how much of a task an epoch sees, so a change compares like with like)."""
+    modes = [{"data.epoch_mode": "min_size"}, {"data.epoch_mode": "max_size"},
+             {"data.epoch_mode": "fixed_n", "data.examples_per_task": SAMPLING_FIXED_N},
+             {"data.epoch_mode": "proportional"}, {"data.epoch_mode": "temperature", "data.temperature": 2.0}]
+    return [{"data.tasks": t, "combiner.combiner": "sum", **mode} for mode in modes for t in [*SINGLES, ",".join(TASK_NAMES)]]
 
 
 SAMPLING_FIXED_N = 2000      # the sampling grid's fixed n: about the smallest task of the full data sets

@@ -40,7 +40,8 @@ def test_the_sampling_grid_lists_every_epoch_mode(tmp_path):
     trials = expand("sampling", RunConfig(), str(tmp_path), seeds=[0])
     modes = sorted(t.data.epoch_mode for t in trials if len(t.data.tasks) == 3)
     assert modes == ["fixed_n", "max_size", "min_size", "proportional", "temperature"]
-    assert len({trial_name(t) for t in trials}) == len(trials) == 8
+    assert len({trial_name(t) for t in trials}) == len(trials) == 20       # each mode with its own baselines
+    assert sorted(t.data.epoch_mode for t in trials if t.data.tasks == ("sst",)) == modes
 
 
 def test_the_pretraining_grid_dry_run_lists_upstream_stages_and_their_dependents(tmp_path, capsys):
