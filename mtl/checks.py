@@ -23,6 +23,7 @@ def check_run(cfg: RunConfig) -> Combiner:
     """Checks that span sections or look at this machine (device, model folder, storage kind);
     raises ConfigError before anything is read or written."""
     check_device(cfg.device)
+    cfg.check_stage()
     check_model_path(cfg.model.model)
     check_select_metric(cfg)
     check_path_names(cfg.out, "out")

@@ -67,17 +67,18 @@ SEED_MAX = 2 ** 32 - 1       # seeds are mixed with steps and ranks into 64-bit 
 HEAD_HIDDEN_MAX = 65536      # a head wider than this is a typo (1e8 would ask for ~150 GB)
 
 
-def parse_tasks(value: str | list[str] | tuple[str, ...], user: tuple[str, ...] = ()) -> tuple[str, ...]:
+def parse_tasks(value: str | list[str] | tuple[str, ...], user: tuple[str, ...] = (),
+                field: str = "data.tasks") -> tuple[str, ...]:
     """Task names in canonical order: the built-in sst, para, sts, then ``user``'s (the names of
     the run's task specs, in the order given)."""
     names = [t.strip() for t in value.split(",")] if isinstance(value, str) else list(value)
     names = [t for t in names if t]
     known = (*task_specs.BUILTIN, *user)
-    _require(bool(names), "data.tasks", "at least one task is needed")
+    _require(bool(names), field, "at least one task is needed")
     for name in names:
-        _require(name in known, "data.tasks", f"unknown task {name!r} (known: {', '.join(known)}; "
+        _require(name in known, field, f"unknown task {name!r} (known: {', '.join(known)}; "
                                               "a task of your own needs its spec: --task-specs FILE)")
-    _require(len(set(names)) == len(names), "data.tasks", f"a task is listed twice in {','.join(names)}")
+    _require(len(set(names)) == len(names), field, f"a task is listed twice in {','.join(names)}")
     # Canonical order keeps run names and head order independent of how the user typed them.
     return tuple(t for t in known if t in names)
 
@@ -139,6 +140,10 @@ class ModelConfig:
 class DataConfig:
     tasks: tuple[str, ...] = _help("comma-separated tasks: of the built-in sst,para,sts and those of "
                                    "--task-specs", default=("sst",))
+    eval_tasks: tuple[str, ...] = _help("comma-separated tasks scored on dev but not trained, their heads carried "
+                                        "from the upstream stage and frozen (a sequential chain's earlier tasks: "
+                                        "what training on later ones did to them); 'mean' stays over the trained "
+                                        "tasks", default=())
     task_specs: tuple = _help("comma-separated task spec files (YAML or JSON: name, files, columns, kind, ...; "
                               "see mtl/task_specs.py) for tasks of your own; the trial keeps the specs of its "
                               "tasks (part of what it computes)", default=())
@@ -163,9 +168,13 @@ class DataConfig:
     def __post_init__(self):
         specs = parse_task_specs(self.task_specs)
         self.tasks = parse_tasks(self.tasks, tuple(s["name"] for s in specs))
-        # A spec of a task this trial does not train is not part of it (a study's base config may
+        evals = self.eval_tasks.split(",") if isinstance(self.eval_tasks, str) else list(self.eval_tasks)
+        self.eval_tasks = parse_tasks(evals, tuple(s["name"] for s in specs), "data.eval_tasks") if any(e.strip() for e in evals) else ()
+        both = sorted(set(self.eval_tasks) & set(self.tasks))
+        _require(not both, "data.eval_tasks", f"{', '.join(both)} is trained too (eval_tasks are scored only)")
+        # A spec of a task this trial does not use is not part of it (a study's base config may
         # hold the specs of all its trials): its identity stays that of the same trial without.
-        self.task_specs = tuple(s for s in specs if s["name"] in self.tasks)
+        self.task_specs = tuple(s for s in specs if s["name"] in self.tasks + self.eval_tasks)
         for spec in self.task_specs:
             task_specs.register(spec)
         _require(self.epoch_mode in EPOCH_MODES, "data.epoch_mode",
@@ -389,7 +398,6 @@ class RunConfig:
             task, _, metric = self.select_metric.partition("/")
             _require(task in self.data.tasks and bool(metric), "select_metric",
                      f"{self.select_metric!r} is not 'mean' or task/metric for a task of this run")
-        _require(not self.carry_heads or self.upstream is not None, "carry_heads", "needs an upstream stage")
         if self.upstream is not None:
             _require(self.upstream.out.rstrip("/") != self.out.rstrip("/"), "upstream.out",
                      f"{self.out} cannot be its own upstream stage")
@@ -406,6 +414,7 @@ class RunConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["data"]["tasks"] = list(self.data.tasks)
+        d["data"]["eval_tasks"] = list(self.data.eval_tasks)
         d["data"]["task_specs"] = [dict(s) for s in self.data.task_specs]
         d["upstream"] = self.upstream.to_dict() if self.upstream is not None else None
         d["combiner"]["weights"] = list(self.combiner.weights)
@@ -423,6 +432,17 @@ class RunConfig:
             set_dotted(d, key, value)
         return RunConfig.from_dict(d)
 
+    def check_stage(self) -> None:
+        """What a stage needs of its upstream (checked before a trial runs, not as the config is
+        built: a chain's last stage is built before the stages it starts from)."""
+        _require(not self.carry_heads or self.upstream is not None, "carry_heads", "needs an upstream stage")
+        if self.data.eval_tasks:
+            _require(self.upstream is not None, "data.eval_tasks", "needs an upstream stage (the heads come from it)")
+            has = set(self.upstream.data.tasks) | set(self.upstream.data.eval_tasks)
+            lacking = [t for t in self.data.eval_tasks if t not in has]
+            _require(not lacking, "data.eval_tasks", f"the upstream stage has no head of {', '.join(lacking)} "
+                                                     f"(it has {', '.join(sorted(has))})")
+
     def identity(self) -> dict:
         """What the trial computes: the dict form without the settings marked ``identity=False``
         (storage, logging, checkpoint cadence).  Two configs with equal identities train the same
@@ -431,8 +451,9 @@ class RunConfig:
         for key in NON_IDENTITY:
             section, _, name = key.rpartition(".")
             (d[section] if section else d).pop(name)
-        if not d["data"]["task_specs"]:
-            del d["data"]["task_specs"]     # built-in tasks only: identities as before task specs existed
+        for key in ("task_specs", "eval_tasks"):     # unused: identities as before these settings existed
+            if not d["data"][key]:
+                del d["data"][key]
         # Settings added with stages leave a one-stage trial's identity as it was before them.
         for key, default in (("upstream", None), ("carry_heads", False)):
             if d[key] == default:

@@ -128,11 +128,14 @@ def _read_sentences(data_dir: str, task: TaskSpec, split: str, on_bad_row: str, 
     return RawSplit(task.name, url, texts, [0.0] * len(texts), sum(p.skipped for p in parts), digest, ids, parts)
 
 
-def read_data(cfg: RunConfig, tasks: list[TaskSpec]) -> tuple[dict[str, RawSplit], dict[str, RawSplit]]:
-    """A trial's train and dev splits of every task, with its row limits."""
+def read_data(cfg: RunConfig, tasks: list[TaskSpec], splits=("train", "dev")) -> tuple[dict[str, RawSplit],
+                                                                                      dict[str, RawSplit]]:
+    """A trial's train and dev splits of every task, with its row limits (``splits``: which)."""
     d = cfg.data
-    train = {t.name: read_split(d.data_dir, t, "train", d.on_bad_row, d.max_train_rows) for t in tasks}
-    dev = {t.name: read_split(d.data_dir, t, "dev", d.on_bad_row, d.max_dev_rows) for t in tasks}
+    train = {t.name: read_split(d.data_dir, t, "train", d.on_bad_row, d.max_train_rows) for t in tasks} \
+        if "train" in splits else {}
+    dev = {t.name: read_split(d.data_dir, t, "dev", d.on_bad_row, d.max_dev_rows) for t in tasks} \
+        if "dev" in splits else {}
     return train, dev
 
 

@@ -23,6 +23,7 @@ from mtl import storage
 from mtl.checks import check_device
 from mtl.cli import guarded
 from mtl.data import encode_split, read_split
+from mtl.errors import ConfigError
 from mtl.evaluation import predict, score
 from mtl.export import load_best
 from mtl.strategy import AUTOCAST_DTYPES, autocast
@@ -49,8 +50,12 @@ def evaluate(path: str, split: str, data_dir: str | None = None, out: str | None
     data_dir = data_dir or cfg.data.data_dir
     out = out or storage.join(path.rstrip("/").removesuffix("/best"), "predictions")
     rows = cfg.data.max_dev_rows if split == "dev" and data_dir == cfg.data.data_dir else 0
+    # An mlm task has no predictions to hand in (its labels are masked tokens): left out.
     raw = {t: read_split(data_dir, TASKS[t], split, cfg.data.on_bad_row, rows, labels_optional=True)
-           for t in cfg.data.tasks}
+           for t in cfg.data.tasks if not TASKS[t].mlm}
+    if not raw:
+        raise ConfigError(f"{path}: an mlm stage's model has no task predictions to write (evaluate the trials "
+                          "that start from it)")
     siamese = cfg.model.pair_encoding == "siamese"
     encoded = {t: encode_split(r, TASKS[t], tokenizer, cfg.model.max_length, siamese, None) for t, r in raw.items()}
     # The trial's own precision (it evaluated under the same autocast), so the scores are the recorded ones.

@@ -42,9 +42,11 @@ def metric_names(tasks) -> list[str]:
     return [f"{t}/{m}" for t in tasks for m in TASKS[t].metric_names] + ["mean"]
 
 
-def score(predictions: dict[str, torch.Tensor], dev: dict) -> dict[str, float]:
-    """Each task's dev metrics and their 'mean' over the tasks' primary metrics."""
+def score(predictions: dict[str, torch.Tensor], dev: dict, mean_of=None) -> dict[str, float]:
+    """Each task's dev metrics and their 'mean' over the primary metrics of ``mean_of`` (default:
+    every task predicted; a trial's trained tasks, not those it only scores)."""
     metrics = {f"{t}/{name}": value for t, pred in predictions.items()
                for name, value in TASKS[t].metrics(pred, dev[t].labels).items()}
-    metrics["mean"] = sum(metrics[f"{t}/{TASKS[t].primary_metric}"] for t in predictions) / len(predictions)
+    mean_of = list(predictions) if mean_of is None else list(mean_of)
+    metrics["mean"] = sum(metrics[f"{t}/{TASKS[t].primary_metric}"] for t in mean_of) / len(mean_of)
     return metrics

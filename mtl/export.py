@@ -83,7 +83,8 @@ def load_best(path: str, device: str = "cpu"):
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()       # the saved encoder has no pooler (the heads pool): no report
         try:
-            model = build_model(dataclasses.replace(cfg.model, model=local), [TASKS[t] for t in cfg.data.tasks])
+            tasks = [TASKS[t] for t in cfg.data.tasks + cfg.data.eval_tasks]     # eval-only tasks have heads too
+            model = build_model(dataclasses.replace(cfg.model, model=local), tasks)
             tokenizer = _tokenizer(local)
         except Exception as exc:  # noqa: BLE001 - transformers' and safetensors' errors for a broken folder
             raise CheckpointError(f"{encoder_url}: cannot load the encoder ({_first_line(exc)}): its files are "

@@ -43,11 +43,12 @@ def chain(base: RunConfig, stages: list[dict], where: str = "stages") -> RunConf
         if not isinstance(settings, dict) or not settings:
             raise ConfigError(f"{where}[{i}]: a stage is a mapping of settings over the trial's, not {kind(settings)}")
         try:
-            stage = base.replace(**{"carry_heads": False, **settings, "upstream": None})
+            # What only the last stage asked for (heads carried, tasks scored only) is not its stages'.
+            stage = base.replace(**{"carry_heads": False, "data.eval_tasks": "", **settings,
+                                    "upstream": upstream.to_dict() if upstream is not None else None})
         except ConfigError as exc:
             raise ConfigError(f"{where}[{i}]: {exc}") from None
-        stage = stage.replace(out=storage.join(base.out, "stages", f"{i}-{'+'.join(stage.data.tasks)}"))
-        upstream = _with_upstream(stage, upstream)
+        upstream = stage.replace(out=storage.join(base.out, "stages", f"{i}-{'+'.join(stage.data.tasks)}"))
     return _with_upstream(base, upstream)
 
 
@@ -112,11 +113,12 @@ def load_upstream(model, cfg: RunConfig) -> None:
     if missing or unexpected:
         raise ConfigError(f"upstream: {url} does not fit the encoder (missing {missing[:2]}, unexpected "
                           f"{unexpected[:2]})")
-    if cfg.carry_heads:
-        shared = [t for t in cfg.data.tasks if t in up.data.tasks and t in model.heads]
-        if not shared:
-            raise ConfigError(f"carry_heads: the upstream {up.out} trains {', '.join(up.data.tasks)}, this stage "
-                              f"{', '.join(cfg.data.tasks)}: no head to carry over")
+    shared = [t for t in cfg.data.tasks if t in up.data.tasks and t in model.heads] if cfg.carry_heads else []
+    if cfg.carry_heads and not shared:
+        raise ConfigError(f"carry_heads: the upstream {up.out} trains {', '.join(up.data.tasks)}, this stage "
+                          f"{', '.join(cfg.data.tasks)}: no head to carry over")
+    shared += [t for t in cfg.data.eval_tasks if t in model.heads]     # scored only: always the upstream's
+    if shared:
         heads = load(storage.read_bytes(storage.join(up.out, HEADS)))
         mine = {k: v for k, v in heads.items() if k.split(".")[1] in shared}
         model.load_state_dict(mine, strict=False)

@@ -72,6 +72,7 @@ def prepare(cfg: RunConfig, combiner: Combiner) -> Inputs:
     started, started_at = time.perf_counter(), time.time()
     tasks = [TASKS[t] for t in cfg.data.tasks]
     raw_train, raw_dev = read_data(cfg, tasks)
+    raw_dev.update(read_data(cfg, [TASKS[t] for t in cfg.data.eval_tasks], splits=("dev",))[1])
     MultiTaskSampler({t: len(r) for t, r in raw_train.items()}, cfg.data, cfg.optim, cfg.seed).check_sizes()
     data = data_record([*raw_train.values(), *raw_dev.values()])
     tokenizer = load_tokenizer(cfg.model)
@@ -89,7 +90,8 @@ def finished_results(cfg: RunConfig) -> dict | None:
         return None
     saved = results.get("data")
     check_same_trial(results["config"], cfg, saved,
-                     file_digests(cfg.data.data_dir, [TASKS[t] for t in cfg.data.tasks]) if saved else None)
+                     file_digests(cfg.data.data_dir, [TASKS[t] for t in cfg.data.tasks + cfg.data.eval_tasks])
+                     if saved else None)
     return results
 
 

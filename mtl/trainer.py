@@ -98,7 +98,8 @@ class Trainer:
         self.cfg, self.dist, self.inputs = cfg, dist, inputs
         self.checkpoints, self.on_checkpoint = checkpoints, on_checkpoint
         self.train_sets = tokenize_all(cfg, inputs.tasks, inputs.raw_train, dist, inputs.tokenizer)
-        self.dev_sets = tokenize_all(cfg, inputs.tasks, inputs.raw_dev, dist, inputs.tokenizer)
+        self.eval_only = [TASKS[t] for t in cfg.data.eval_tasks]     # scored, not trained: heads carried
+        self.dev_sets = tokenize_all(cfg, inputs.tasks + self.eval_only, inputs.raw_dev, dist, inputs.tokenizer)
         self.build()
         self.state = TrainState()
         checkpoints.track("model", WholeWeights(self.strategy))
@@ -108,7 +109,7 @@ class Trainer:
         if inputs.resumed:
             self.resume()
         self.sink = TensorBoardSink(cfg.out, self.state.step) if dist.is_main else NullSink()
-        self.sink.start_session(cfg.identity(), metric_names(cfg.data.tasks))
+        self.sink.start_session(cfg.identity(), metric_names(cfg.data.tasks + cfg.data.eval_tasks))
         self.bar = progress_bar(self.total_steps, self.state.step, cfg.progress, dist.is_main,
                                 f"{'+'.join(cfg.data.tasks)}")
         self.wall_before = self.state.wall_time_s
@@ -119,9 +120,11 @@ class Trainer:
         the random numbers each consumes (the seed, then the model's heads, then the combiner)."""
         cfg, dist = self.cfg, self.dist
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.model, self.inputs.tasks)
+        self.model = build_model(cfg.model, self.inputs.tasks + self.eval_only)
         if cfg.upstream is not None and self.inputs.prior is None:    # a resume loads its own checkpoint
             load_upstream(self.model, cfg)
+        for task in cfg.data.eval_tasks:      # no loss reaches them: frozen (DDP wants no unused parameter)
+            self.model.heads[task].requires_grad_(False)
         if cfg.model.freeze_encoder:
             self.model.encoder.requires_grad_(False)
         self.model = self.model.to(dist.device)
@@ -395,7 +398,7 @@ class Trainer:
         # which the KPI-driven combiners (DTP on dev) and best-weights choice rely on.
         predictions = predict(self.model, self.dev_sets, cfg.optim.batch_size * 4, self.strategy.autocast,
                               self.dist.device, cfg.pad_multiple)
-        metrics = score(predictions, self.dev_sets)
+        metrics = score(predictions, self.dev_sets, mean_of=cfg.data.tasks)
         value = metrics[cfg.select_metric]
         record = {"epoch": state.epoch, "step": state.step, "metrics": metrics, "score": value}
         state.history.append(record)

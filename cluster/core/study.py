@@ -113,8 +113,9 @@ def sequential_axes() -> list[dict]:
     then each task fine-tuned alone with its head carried over (one shared joint stage)."""
     joint = {"data.tasks": ",".join(TASK_NAMES), "combiner.combiner": "sum"}
     trials = [{"data.tasks": t, "combiner.combiner": "sum"} for t in SINGLES] + [joint]
-    trials.append({"data.tasks": "sts", "combiner.combiner": "sum", STAGES: [{"data.tasks": "sst"},
-                                                                            {"data.tasks": "para"}]})
+    # Each stage also scores the tasks before it (their heads carried, frozen): forgetting shows.
+    trials.append({"data.tasks": "sts", "data.eval_tasks": "sst,para", "combiner.combiner": "sum",
+                   STAGES: [{"data.tasks": "sst"}, {"data.tasks": "para", "data.eval_tasks": "sst"}]})
     trials += [{"data.tasks": t, "combiner.combiner": "sum", "carry_heads": True, STAGES: [joint]} for t in SINGLES]
     return trials
 
@@ -283,7 +284,8 @@ def _stage_chain(stage_list: list[dict] | None, base: RunConfig, fixed: dict, se
     placed later (``place_upstreams``)."""
     upstream = None
     for i, settings in enumerate(stage_list or []):
-        stage = base.replace(**{**fixed, "seed": seed, "carry_heads": False, **settings, "upstream": upstream,
+        stage = base.replace(**{**fixed, "seed": seed, "carry_heads": False, "data.eval_tasks": "", **settings,
+                                "upstream": upstream,
                                 "out": storage.join(base.out, "stages", str(i))})
         upstream = _method_defaults(stage).to_dict()
     return upstream
@@ -460,7 +462,7 @@ def check_storage(trials: list[RunConfig]) -> None:
 
 # Axes the name already shows (tasks, method, alpha, seed, a baseline's size) or leaves out (workers).
 SHORT = {"parallel.workers", "data.tasks", "combiner.combiner", "seed", "combiner.alpha", "combiner.weights",
-         "data.examples_per_task", STAGES, "carry_heads"}
+         "data.examples_per_task", STAGES, "carry_heads", "data.eval_tasks"}
 
 
 def _compose_name(cfg: RunConfig, varied: dict) -> str:

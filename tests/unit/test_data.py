@@ -18,10 +18,13 @@ def write(folder, task, split, rows):
 
 
 def test_reads_the_shipped_sample():
-    for name, task in TASKS.items():
+    for name in ("sst", "para", "sts"):
+        task = TASKS[name]
         split = read_split("embedded:sample", task, "train")
         assert len(split) == 400 and split.skipped == 0
         assert all(len(t) == len(task.text_columns) and all(t) for t in split.texts)
+    mlm = read_split("embedded:sample", TASKS["mlm"], "train")       # every sentence of the three, on its own
+    assert len(mlm) == 400 + 2 * 400 + 2 * 400 and [p.task for p in mlm.parts] == ["sst", "para", "sts"]
 
 
 def test_row_limits_take_a_fixed_random_subset_not_the_head(tmp_path):

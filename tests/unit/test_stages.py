@@ -28,7 +28,7 @@ def test_an_upstream_is_part_of_the_identity_and_its_folder_is_not():
     assert RunConfig(out="/a/down").fingerprint() != down.fingerprint()
     assert RunConfig.from_dict(json.loads(json.dumps(down.to_dict()))).upstream.out == "/a/up"
     with pytest.raises(ConfigError, match="carry_heads: needs an upstream stage"):
-        RunConfig(carry_heads=True)
+        RunConfig(carry_heads=True).check_stage()
     with pytest.raises(ConfigError, match="upstream.model.model: the upstream stage trains 'x'"):
         down.replace(**{"upstream.model.model": "x"})
 
@@ -110,7 +110,7 @@ def checkpoint_weights_after(cfg, steps):
 
 def chain_args(model, out, chain):
     return [sys.executable, "-m", "mtl.train", "--model", model, "--max-length", "32", "--stages", chain,
-            "--tasks", "sts", "--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--dropout", "0.3",
+            "--tasks", "sts", "--eval-tasks", "sst,para", "--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--dropout", "0.3",
             "--max-train-rows", "160", "--max-dev-rows", "16", "--save-every-steps", "5", "--progress", "off",
             "--keep-final-state", "true", "--out", out]
 
@@ -118,7 +118,7 @@ def chain_args(model, out, chain):
 def test_a_chain_killed_in_its_second_stage_resumes_there_and_ends_as_an_uninterrupted_one(tiny_model_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     chain = tmp_path / "chain.yaml"
-    chain.write_text("stages:\n  - {tasks: sst}\n  - {tasks: para, carry_heads: false}\n")
+    chain.write_text("stages:\n  - {tasks: sst}\n  - {tasks: para, eval_tasks: sst}\n")
     whole = str(tmp_path / "whole")
     subprocess.run(chain_args(tiny_model_dir, whole, str(chain)), check=True, env=env, capture_output=True, cwd=ROOT)
 
@@ -144,3 +144,23 @@ def test_a_chain_killed_in_its_second_stage_resumes_there_and_ends_as_an_uninter
     assert a["weights_digest"] == b["weights_digest"] and a["best"] == b["best"]
     assert [s["best_metrics"] for s in a["stages"]] == [s["best_metrics"] for s in b["stages"]]
     assert [s["tasks"] for s in b["stages"]] == [["sst"], ["para"]]
+    assert {"sst/acc", "para/acc", "sts/pearson"} <= set(b["best"]["metrics"])     # --eval-tasks scored them
+
+
+def test_a_sequential_chain_scores_its_earlier_tasks_with_their_carried_frozen_heads(make_config, tmp_path):
+    from safetensors.torch import load
+
+    base = make_config(out=str(tmp_path / "seq"), **{"data.tasks": "sts"})
+    with pytest.raises(ConfigError, match="data.eval_tasks: needs an upstream stage"):
+        base.replace(**{"data.eval_tasks": "sst"}).check_stage()
+    cfg = stages.chain(base, [{"tasks": "sst"}, {"tasks": "para", "eval_tasks": "sst"}])
+    cfg = cfg.replace(**{"data.eval_tasks": "sst,para"})
+    with pytest.raises(ConfigError, match=r"data.eval_tasks: the upstream stage has no head of sst \(it has para\)"):
+        cfg.replace(**{"upstream.data.eval_tasks": "", "upstream.upstream": None}).check_stage()
+    for stage in stages.links(cfg):
+        results = train(stage)
+    metrics = results["best"]["metrics"]
+    assert {"sst/acc", "para/acc", "sts/pearson"} <= set(metrics) and metrics["mean"] == metrics["sts/pearson"]
+    first = load((tmp_path / "seq" / "stages" / "0-sst" / "best" / "heads.safetensors").read_bytes())
+    final = checkpoint.load(checkpoint.latest(cfg.out))["model"]
+    assert all(torch.equal(final[k], v) for k, v in first.items() if k.startswith("heads.sst."))   # frozen twice
