@@ -408,3 +408,96 @@ def test_ray_cluster_auth_can_be_turned_off_explicitly(tiny_model_dir, tmp_path,
     assert "warning: RAY_AUTH_MODE=disabled" in log and "NO authentication" in log and "1/1 trials done" in log
     assert [r["status"] for r in json.loads((store / "results.json").read_text())] == ["done"]
     _no_ray_left(job)
+
+
+# --------------------------------------------------------------------------------------------
+# Upstream stages: one shared upstream, three dependents
+# --------------------------------------------------------------------------------------------
+def staged_study(model: str, root: Path, data_dir: str | None = None) -> list:
+    """A joint SST+Quora+STS stage, then each task fine-tuned alone from its encoder: the upstream
+    first, as ``study.expand`` lists a grid with stages.  ``data_dir`` (the upstream's data only)."""
+    from cluster.core.study import with_absolute_paths
+    from mtl.config import RunConfig
+
+    base = RunConfig().replace(progress="off", **{
+        "model.model": model, "model.max_length": 32, "data.max_train_rows": 16, "data.max_dev_rows": 8,
+        "optim.batch_size": 4, "optim.epochs": 1, "data.cache_dir": str(root / "token_cache")})
+    up = with_absolute_paths(base.replace(out=str(root / "sst+para+sts-s0"), **{"data.tasks": "sst,para,sts"},
+                                          **({"data.data_dir": data_dir} if data_dir else {})))
+    deps = [with_absolute_paths(base.replace(out=str(root / f"sst+para+sts-then-{t}-sum-s0"), **{"data.tasks": t}))
+            .replace(upstream=up.to_dict()) for t in ("sst", "para", "sts")]
+    return [up, *deps]
+
+
+def broken_data(tmp_path: Path) -> Path:
+    """The shipped sample without the Quora training file: a trial reading it fails at its start."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(ROOT / "mtl" / "sample_data", data)
+    (data / "quora-train.csv").rename(tmp_path / "quora-train.csv")
+    return data
+
+
+def assert_ran_after(trials: list) -> None:
+    up = results(Path(trials[0].out))
+    assert up["status"] == "done" and up["resumed_from_steps"] == []
+    for dep in trials[1:]:
+        res = results(Path(dep.out))
+        assert res["status"] == "done" and res["started_at"] >= up["finished_at"], dep.out
+        assert res["stages"][0]["out"] == trials[0].out
+
+
+def test_a_shared_upstream_runs_once_before_its_three_dependents_on_slurm(tiny_model_dir, tmp_path, monkeypatch,
+                                                                          capsys):
+    from cluster.backends.slurm_array import submit_array
+    from cluster.core.placement import Placement
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")       # the jobs inherit this process's environment
+    store = tmp_path / "study"
+    trials = staged_study(tiny_model_dir, store)
+    rows = submit_array(trials, str(store), Placement(gpus_per_worker=0), wait=True)
+    out = capsys.readouterr().out
+    assert [r["status"] for r in rows] == ["done"] * 4, out
+    up_job = re.search(r"submitted job (\d+): array 0 \(1 tasks", out).group(1)
+    assert re.search(rf"submitted job \d+: array 1-3 \(3 tasks, 1 CPUs and 0 GPUs each\) after {up_job}_0;", out)
+    assert_ran_after(trials)
+    # The upstream ran in one array task, once: one log names it, with one training run in it.
+    logs = [p.read_text() for p in (store / "slurm-logs").iterdir()]
+    mine = [log for log in logs if re.search(r"array task 0 .*: sst\+para\+sts-s0\n", log)]
+    assert len(mine) == 1 and len(re.findall(r"epoch 1 step \d+ dev", mine[0])) == 1
+    stamp = (store / "sst+para+sts-s0" / "results.json").stat().st_mtime
+    # A rerun submits nothing.
+    again = submit_array(trials, str(store), Placement(gpus_per_worker=0), wait=True)
+    out = capsys.readouterr().out
+    assert "4 trials in 4 array tasks: 4 finished, 0 tasks queued or running, 0 to submit" in out
+    assert "submitted job" not in out and [r["status"] for r in again] == ["done"] * 4
+    assert (store / "sst+para+sts-s0" / "results.json").stat().st_mtime == stamp
+
+
+def test_a_failed_upstream_on_slurm_fails_its_dependents_and_a_fixed_one_runs_them(tiny_model_dir, tmp_path,
+                                                                                   monkeypatch, capsys):
+    from cluster.backends.slurm_array import submit_array
+    from cluster.core.placement import Placement
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    store, data = tmp_path / "study", broken_data(tmp_path)
+    trials = staged_study(tiny_model_dir, store, data_dir=str(data))
+    started = time.monotonic()
+    rows = submit_array(trials, str(store), Placement(gpus_per_worker=0), wait=True)
+    print(f"failed upstream -> dependents reported: {time.monotonic() - started:.1f} s")
+    out = capsys.readouterr().out
+    up_job = re.search(r"submitted job (\d+): array 0 ", out).group(1)
+    assert rows[0]["status"] == "failed" and rows[0]["error"].startswith(f"SLURM task {up_job}_0 FAILED")
+    for row in rows[1:]:      # cancelled by SLURM (kill-on-invalid-dep), reported with the upstream's reason
+        assert row["status"] == "failed" and row["error"].startswith(
+            f"upstream sst+para+sts-s0 failed: SLURM task {up_job}_0 FAILED"), row
+        assert not (store / row["trial"] / "results.json").exists()
+    dep_job = re.search(r"submitted job (\d+): array 1-3 ", out).group(1)
+    from cluster.backends.slurm_array import task_states
+    assert set(task_states({dep_job: [1, 2, 3]}).values()) == {"CANCELLED"}
+    # Fixed (the file is back): the same study runs the upstream, then its dependents.
+    (tmp_path / "quora-train.csv").rename(data / "quora-train.csv")
+    rows = submit_array(trials, str(store), Placement(gpus_per_worker=0), wait=True)
+    assert [r["status"] for r in rows] == ["done"] * 4, capsys.readouterr().out
+    assert_ran_after(trials)
