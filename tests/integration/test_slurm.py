@@ -15,6 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.helpers import assert_ran_after, broken_data, staged_study
+
 pytestmark = [pytest.mark.integration, pytest.mark.slurm]
 ROOT = Path(__file__).resolve().parents[2]
 TRIAL = ["--max-length", "32", "--max-dev-rows", "8", "--batch-size", "4", "--progress", "off"]
@@ -413,41 +415,6 @@ def test_ray_cluster_auth_can_be_turned_off_explicitly(tiny_model_dir, tmp_path,
 # --------------------------------------------------------------------------------------------
 # Upstream stages: one shared upstream, three dependents
 # --------------------------------------------------------------------------------------------
-def staged_study(model: str, root: Path, data_dir: str | None = None) -> list:
-    """A joint SST+Quora+STS stage, then each task fine-tuned alone from its encoder: the upstream
-    first, as ``study.expand`` lists a grid with stages.  ``data_dir`` (the upstream's data only)."""
-    from cluster.core.study import with_absolute_paths
-    from mtl.config import RunConfig
-
-    base = RunConfig().replace(progress="off", **{
-        "model.model": model, "model.max_length": 32, "data.max_train_rows": 16, "data.max_dev_rows": 8,
-        "optim.batch_size": 4, "optim.epochs": 1, "data.cache_dir": str(root / "token_cache")})
-    up = with_absolute_paths(base.replace(out=str(root / "sst+para+sts-s0"), **{"data.tasks": "sst,para,sts"},
-                                          **({"data.data_dir": data_dir} if data_dir else {})))
-    deps = [with_absolute_paths(base.replace(out=str(root / f"sst+para+sts-then-{t}-sum-s0"), **{"data.tasks": t}))
-            .replace(upstream=up.to_dict()) for t in ("sst", "para", "sts")]
-    return [up, *deps]
-
-
-def broken_data(tmp_path: Path) -> Path:
-    """The shipped sample without the Quora training file: a trial reading it fails at its start."""
-    import shutil
-
-    data = tmp_path / "data"
-    shutil.copytree(ROOT / "mtl" / "sample_data", data)
-    (data / "quora-train.csv").rename(tmp_path / "quora-train.csv")
-    return data
-
-
-def assert_ran_after(trials: list) -> None:
-    up = results(Path(trials[0].out))
-    assert up["status"] == "done" and up["resumed_from_steps"] == []
-    for dep in trials[1:]:
-        res = results(Path(dep.out))
-        assert res["status"] == "done" and res["started_at"] >= up["finished_at"], dep.out
-        assert res["stages"][0]["out"] == trials[0].out
-
-
 def test_a_shared_upstream_runs_once_before_its_three_dependents_on_slurm(tiny_model_dir, tmp_path, monkeypatch,
                                                                           capsys):
     from cluster.backends.slurm_array import submit_array
