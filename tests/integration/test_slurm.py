@@ -468,3 +468,24 @@ def test_a_failed_upstream_on_slurm_fails_its_dependents_and_a_fixed_one_runs_th
     rows = submit_array(trials, str(store), Placement(gpus_per_worker=0), wait=True)
     assert [r["status"] for r in rows] == ["done"] * 4, capsys.readouterr().out
     assert_ran_after(trials)
+
+
+def test_submitit_on_slurm_holds_dependents_with_afterok_and_fails_them_with_the_upstream(tiny_model_dir, tmp_path,
+                                                                                          monkeypatch, capsys):
+    from cluster.backends.submitit_sweep import run_submitit
+    from cluster.core.placement import Placement
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    store, data = tmp_path / "study", broken_data(tmp_path)
+    trials = staged_study(tiny_model_dir, store, data_dir=str(data))
+    rows = run_submitit(trials, str(store), Placement(gpus_per_worker=0), cluster="slurm", poll_s=0.5)
+    out = capsys.readouterr().out
+    up_job = re.search(r"submitted sst\+para\+sts-s0 as job (\S+)", out).group(1)
+    assert len(re.findall(rf"as job \S+ after job {up_job}", out)) == 3
+    assert rows[0]["status"] == "failed" and "quora-train.csv" in rows[0]["error"]
+    assert all(r["status"] == "failed" and r["error"] == f"upstream sst+para+sts-s0 failed: {rows[0]['error']}"
+               for r in rows[1:])
+    (tmp_path / "quora-train.csv").rename(data / "quora-train.csv")      # fixed: the same study runs them all
+    rows = run_submitit(trials, str(store), Placement(gpus_per_worker=0), cluster="slurm", poll_s=0.5)
+    assert [r["status"] for r in rows] == ["done"] * 4, capsys.readouterr().out
+    assert_ran_after(trials)
