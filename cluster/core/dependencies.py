@@ -95,8 +95,3 @@ def _failed_on_storage(out: str) -> str | None:
     res = trial_results.ended(out)
     return res["error"] if res is not None and res.get("status") == "failed" else None
 
-
-def runnable(trials: list[RunConfig], failed: dict[str, str] | None = None) -> tuple[list[RunConfig], dict[str, str]]:
-    """(the trials not blocked by a failed upstream, {name: reason} of those that are)."""
-    blocked = fail_dependents(trials, failed)
-    return [t for t in trials if trial_name(t) not in blocked], blocked

@@ -472,6 +472,9 @@ def test_a_failed_upstream_on_slurm_fails_its_dependents_and_a_fixed_one_runs_th
 
 def test_submitit_on_slurm_holds_dependents_with_afterok_and_fails_them_with_the_upstream(tiny_model_dir, tmp_path,
                                                                                           monkeypatch, capsys):
+    """submitit on SLURM: dependents wait on the upstream's job (afterok), a failed upstream fails
+    them with its reason; once fixed all run, and that upstream then serves dependents run as
+    SLURM arrays by the helper (placement is not identity)."""
     from cluster.backends.submitit_sweep import run_submitit
     from cluster.core.placement import Placement
 
@@ -489,3 +492,16 @@ def test_submitit_on_slurm_holds_dependents_with_afterok_and_fails_them_with_the
     rows = run_submitit(trials, str(store), Placement(gpus_per_worker=0), cluster="slurm", poll_s=0.5)
     assert [r["status"] for r in rows] == ["done"] * 4, capsys.readouterr().out
     assert_ran_after(trials)
+    # Placement is not identity: the upstream submitit ran serves dependents run as SLURM arrays.
+    import shutil
+    from cluster.backends.slurm_array import submit_array
+
+    stamp = (store / "sst+para+sts-s0" / "results.json").stat().st_mtime
+    for dep in trials[1:]:
+        shutil.rmtree(dep.out)
+    rows = submit_array(trials, str(store), Placement(gpus_per_worker=0), wait=True)
+    out = capsys.readouterr().out
+    assert "4 trials in 4 array tasks: 1 finished, 0 tasks queued or running, 3 to submit" in out
+    assert re.search(r"submitted job \d+: array 1-3 \(3 tasks, 1 CPUs and 0 GPUs each\); logs", out)   # no afterok
+    assert [r["status"] for r in rows] == ["done"] * 4
+    assert (store / "sst+para+sts-s0" / "results.json").stat().st_mtime == stamp
