@@ -23,10 +23,11 @@ from mtl.config import RunConfig
 from mtl.errors import MtlError
 
 from cluster.backends.registry import BACKENDS, add_placement_flags, backend_flags
+from cluster.core.dependencies import slots
 from cluster.core.ending import summary, write_study_report
 from cluster.core.flags import add_study_flags, trials_from_args
 from cluster.core.placement import placement_from_args
-from cluster.core.study import check_storage, slot_count, trial_name
+from cluster.core.study import check_storage, trial_name
 from cluster.core.tensorboard import write_tensorboard_experiment
 
 
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None, backend: str | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.count:
-        print(slot_count(len(trials), placement.trials_per_task))
+        print(len(slots(trials, placement.trials_per_task)))    # packed within a wave of stages
         return 0
     if args.dry_run:
         print_trials(trials)

@@ -6,6 +6,9 @@ builds and fits that trial's TorchTrainer (Ray Train V2's pattern).
   workers' demand out of custom budget resources, which admits each trial when it fits.
 - Idempotent: a trial whose ``results.json`` exists is done and not run again; an unfinished
   one resumes from its checkpoint (mtl.train does that by itself).
+- Stages: trials that start from an upstream trial run in a later Tune sweep than it (one sweep
+  per wave, cluster.core.dependencies); the dependents of an upstream that failed are not
+  started, and their rows say which upstream failed and why.
 - At the end, ``results.csv`` and ``results.json`` at the storage root hold one row per trial
   (its varied settings and best dev metrics), read from the trials' own results files, so a
   trial is counted exactly once however often the sweep ran.  ``_ray/timings/<trial>.json``
@@ -43,7 +46,8 @@ from mtl.lease import Lease
 
 from cluster.backends.ray_trial import GPU_DEFAULT, build_trainer, ray_storage
 from cluster.core.backend import Backend, Flag
-from cluster.core.ending import read_results, record, unfinished
+from cluster.core.dependencies import fail_dependents, waves
+from cluster.core.ending import is_finished, read_results, record, unfinished
 from cluster.core.memory import check_ray_packing
 from cluster.core.placement import Placement, units
 from cluster.core.study import trial_name
@@ -219,15 +223,17 @@ def run_sweep(trials: list[RunConfig], storage_root: str, placement: Placement |
 
 def _run_todo(trials: list[RunConfig], storage_root: str, placement: Placement, address: str | None, verbose: int,
               wait_for_nodes: int) -> dict[str, str]:
-    """Run the unfinished trials as one Tune sweep; returns why those Tune saw fail failed."""
+    """Run the unfinished trials as Tune sweeps, one per wave of stages (every upstream in a
+    sweep before its dependents'); returns why those that did not finish failed: Tune's error,
+    or the upstream that failed before them (those are never started)."""
     import ray
-    from ray import tune
-    from ray.tune import PlacementGroupFactory
 
-    todo = unfinished(trials)
-    log.info("%d trials, %d already finished, %d to run", len(trials), len(trials) - len(todo), len(todo))
+    failures = fail_dependents(trials)          # an upstream that failed in an earlier launch
+    todo = [t for t in unfinished(trials) if trial_name(t) not in failures]
+    log.info("%d trials, %d already finished, %d to run%s", len(trials), sum(map(is_finished, trials)), len(todo),
+             f", {len(failures)} not run (an upstream failed)" if failures else "")
     if not todo:
-        return {}
+        return failures
     placement.check_trials(todo)
     # Before Ray starts (seconds, and minutes of trials queued behind a bad packing).  nvidia-smi
     # here sees the GPUs of a local Ray or of the node this launcher runs on in a cluster it
@@ -243,6 +249,25 @@ def _run_todo(trials: list[RunConfig], storage_root: str, placement: Placement, 
         else:
             start_local_ray(verbose)
     cluster = ray.cluster_resources()
+    levels = waves(todo)
+    for n, wave in enumerate(levels):
+        # One Tuner per wave: Tune has no dependencies between trials, and a wave is short
+        # compared with a stage's training; the cost is one Tuner's startup (seconds) per wave.
+        failures.update(fail_dependents(trials, failures))
+        wave = [t for t in wave if trial_name(t) not in failures]
+        if len(levels) > 1:
+            log.info("wave %d of %d (stages): %d trials", n + 1, len(levels), len(wave))
+        if wave:
+            failures.update(_tune(wave, storage_root, placement, cluster, verbose))
+    return failures
+
+
+def _tune(todo: list[RunConfig], storage_root: str, placement: Placement, cluster: dict,
+          verbose: int) -> dict[str, str]:
+    """One Tune sweep of ``todo``; why those Tune saw fail failed."""
+    from ray import tune
+    from ray.tune import PlacementGroupFactory
+
     by_name = {trial_name(t): t for t in todo}
     ray_path, ray_fs = ray_storage(storage.join(storage_root, "_ray"))
     tuner = tune.Tuner(

@@ -4,8 +4,9 @@ In a job (slurm/sweep.sh execs this)::
 
     python -m cluster.backends.slurm_array --grid pairings --seeds 0 --storage runs/sweep [mtl.train flags]
 
-Array task i expands the grid exactly as the submitter did and runs slot i (trial i, or
-trials [i*k, i*k+k) with ``--trials-per-task k``).  A finished trial exits 0 at once.  Each
+Array task i expands the grid exactly as the submitter did and runs slot i (trial i, or up
+to k consecutive trials of one wave of stages with ``--trials-per-task k``:
+cluster.core.dependencies.slots).  A finished trial exits 0 at once.  Each
 trial's workers are child processes (``python -m cluster.core.trial``; one per data-parallel
 worker, DDP over the task's CPUs or GPUs), and this process relays signals to them:
 
@@ -16,8 +17,11 @@ worker, DDP over the task's CPUs or GPUs), and this process relays signals to th
   requeues a preempted job itself where the partition says so).
 
 On the submit side ``submit_array`` sizes the array to the trials still missing, submits
-slurm/sweep.sh with ``sbatch --parsable`` (one array per distinct resource shape), and with
-``wait`` follows the tasks through squeue and sacct until each has ended.
+slurm/sweep.sh with ``sbatch --parsable`` (one array per distinct resource shape and set of
+upstream tasks: dependents wait with ``--dependency=afterok:<job>_<index>``), and with ``wait``
+follows the tasks through squeue and sacct until each has ended.  An array submitted by hand
+(``sbatch --array=... slurm/sweep.sh --grid ...``) has no dependencies: a dependent whose
+upstream has not finished fails at its start, naming it (use the helper for grids with stages).
 """
 from __future__ import annotations
 
@@ -45,10 +49,11 @@ from mtl.stop import EXIT_STOPPED
 
 from cluster.core import memory
 from cluster.core.backend import WAIT, Backend, Flag
+from cluster.core.dependencies import fail_dependents, slot, slots, waves
 from cluster.core.ending import is_finished, record, unfinished
 from cluster.core.flags import add_study_flags, trials_from_args
 from cluster.core.placement import Placement
-from cluster.core.study import index_ranges, slot_count, slot_trials, trial_name
+from cluster.core.study import index_ranges, trial_name, upstream_of
 
 log = logging.getLogger("cluster.backends.slurm_array")
 SCRIPT = Path(__file__).resolve().parents[2] / "slurm" / "sweep.sh"
@@ -212,14 +217,20 @@ def check_task_memory(todo: list[RunConfig], gpu_memory: str, pinned: dict[str, 
 
 
 def run_task(group: list[RunConfig], index: int, early: list[int], gpu_memory: str = "",
-             pinned: dict[str, int] | None = None) -> int:
-    todo = unfinished(group)
+             pinned: dict[str, int] | None = None, blocked: dict[str, str] | None = None) -> int:
+    """Run the task's unfinished trials; those in ``blocked`` (name: why, an upstream failed)
+    are skipped, so that a task-mate's failed upstream does not fail this task and, through
+    afterok, cancel the dependents of the trials it did run."""
+    blocked = blocked or {}
+    todo = [t for t in unfinished(group) if trial_name(t) not in blocked]
     env = os.environ
     print(f"array task {index} (job {env.get('SLURM_ARRAY_JOB_ID', '-')}_{env.get('SLURM_ARRAY_TASK_ID', '-')}, "
           f"id {env.get('SLURM_JOB_ID', '-')}, restart {env.get('SLURM_RESTART_COUNT', '0')}) on "
           f"{socket.gethostname()}: {', '.join(trial_name(t) for t in group)}", flush=True)
     for t in group:
-        if t not in todo:
+        if trial_name(t) in blocked:
+            print(f"trial {trial_name(t)} is not run: {blocked[trial_name(t)]}", flush=True)
+        elif t not in todo:
             print(f"trial {trial_name(t)} is finished: nothing to do", flush=True)
     if not todo:
         return 0
@@ -270,12 +281,12 @@ def task_main(argv: list[str] | None = None) -> int:
         else:
             trials, root = trials_from_args(args)
         index = args.index if args.index is not None else _array_index()
-        group = [trials[i] for i in slot_trials(len(trials), index, args.trials_per_task)]
+        group = [trials[i] for i in slot(trials, index, args.trials_per_task)]
         storage.ensure_writable(root)
     except MtlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return run_task(group, index, early, args.gpu_memory, pinned)
+    return run_task(group, index, early, args.gpu_memory, pinned, fail_dependents(trials))
 
 
 def _array_index() -> int:
@@ -293,59 +304,91 @@ def submit_array(trials: list[RunConfig], root: str, placement: Placement, wait:
     """Submit the array tasks whose trials are unfinished and not already queued or running;
     with ``wait``, follow them (and those already queued) to the end and return the results
     table.  The trial list is pinned in the storage: a task finds its trial by index in that
-    very list, whatever happens to the grid file or the command line later."""
+    very list, whatever happens to the grid file or the command line later.  Upstream stages
+    go first; a task of dependents waits for its upstreams' tasks (``afterok``, see
+    ``_submit_waves``); dependents of an upstream that failed are not submitted, and are
+    reported failed with the reason."""
     _need("sbatch")
     storage.ensure_writable(root)
     placement.check_trials(trials)
     k = placement.trials_per_task
-    study = pin_trials(trials, root, k, packing_estimates(trials, placement))
+    groups = slots(trials, k)
+    study = pin_trials(trials, root, k, packing_estimates(trials, placement, groups))
     live = live_slots(study)
-    todo = [s for s in range(slot_count(len(trials), k))
-            if s not in live and any(not is_finished(trials[i]) for i in slot_trials(len(trials), s, k))]
-    print(f"{len(trials)} trials in {slot_count(len(trials), k)} array tasks: "
-          f"{sum(map(is_finished, trials))} finished, {len(live)} tasks queued or running, {len(todo)} to submit",
-          flush=True)
-    jobs: dict[str, list[int]] = defaultdict(list)
-    for slot, job in live.items():
-        jobs[job].append(slot)
-    for shape, slots in _by_shape(trials, todo, placement).items():
-        job = _sbatch(slots, shape, root, placement, study, script)
-        jobs[job] = slots
-        print(f"submitted job {job}: array {index_ranges(slots)} ({len(slots)} tasks, "
-              f"{shape[0]} CPUs and {shape[1]} GPUs each); logs in {_log_dir(root)}", flush=True)
+    blocked = fail_dependents(trials)
+    todo = [s for s, members in enumerate(groups) if s not in live and
+            any(not is_finished(trials[i]) and trial_name(trials[i]) not in blocked for i in members)]
+    print(f"{len(trials)} trials in {len(groups)} array tasks: "
+          f"{sum(map(is_finished, trials))} finished, {len(live)} tasks queued or running, {len(todo)} to submit"
+          + (f", {len(blocked)} not run (an upstream failed)" if blocked else ""), flush=True)
+    jobs = _submit_waves(trials, groups, todo, live, root, placement, study, script)
     if not wait:
-        record(root, trials)
+        record(root, trials, blocked)
         if jobs:
             print(f"follow: squeue -j {','.join(jobs)}; the same command with --wait follows them and writes "
                   f"the results table when they end")
         return None
     failures = {}
-    for (job, slot), state in (follow(dict(jobs)) if jobs else {}).items():
-        for i in slot_trials(len(trials), slot, k):
+    for (job, s), state in (follow(dict(jobs)) if jobs else {}).items():
+        for i in groups[s]:
             if not is_finished(trials[i]):
                 why = "ended without results" if state == "COMPLETED" else state
-                failures[trial_name(trials[i])] = f"SLURM task {job}_{slot} {why} (log {_log_dir(root)})"
+                failures[trial_name(trials[i])] = f"SLURM task {job}_{s} {why} (log {_log_dir(root)})"
+    # A dependent cancelled because its upstream's task failed (--kill-on-invalid-dep) says so.
+    failures.update(fail_dependents(trials, failures))
     return record(root, trials, failures)
 
 
-def packing_estimates(trials: list[RunConfig], placement: Placement) -> dict[str, int] | None:
+def _submit_waves(trials: list[RunConfig], groups: list[list[int]], todo: list[int], live: dict[int, str],
+                  root: str, placement: Placement, study: str, script: str | None) -> dict[str, list[int]]:
+    """Submit the ``todo`` slots wave by wave; {job id: its slots} with the ``live`` ones.  A slot
+    of dependents depends on exactly the tasks of its unfinished upstreams, queued earlier or
+    now (``afterok:<job>_<index>``): per task rather than per array job, so a dependent starts
+    as soon as its own upstream is done and one failed upstream cancels its own dependents only
+    (``--kill-on-invalid-dep``: they would otherwise stay pending for ever).  Slots that wait for
+    different tasks are therefore separate arrays."""
+    jobs: dict[str, list[int]] = defaultdict(list)
+    where = dict(live)                      # slot -> the job that runs it
+    for s, job in live.items():
+        jobs[job].append(s)
+    level = {t.out: n for n, wave in enumerate(waves(trials)) for t in wave}
+    slot_of = {i: s for s, members in enumerate(groups) for i in members}
+    index = {t.out: i for i, t in enumerate(trials)}
+    for wave in sorted({level[trials[groups[s][0]].out] for s in todo}):
+        batches = defaultdict(list)
+        for s in (s for s in todo if level[trials[groups[s][0]].out] == wave):
+            ups = {index[u] for u in (upstream_of(trials[i]) for i in groups[s]) if u in index}
+            after = sorted({f"{where[slot_of[u]]}_{slot_of[u]}" for u in ups
+                            if not is_finished(trials[u]) and slot_of[u] in where})
+            batches[(placement.slurm_resources([trials[i] for i in groups[s]], GPU_DEFAULT), tuple(after))].append(s)
+        for (shape, after), batch in batches.items():
+            job = _sbatch(batch, shape, root, placement, study, script, list(after))
+            jobs[job] = batch
+            where.update({s: job for s in batch})
+            print(f"submitted job {job}: array {index_ranges(batch)} ({len(batch)} tasks, "
+                  f"{shape[0]} CPUs and {shape[1]} GPUs each)"
+                  + (f" after {', '.join(after)}" if after else "") + f"; logs in {_log_dir(root)}", flush=True)
+    return dict(jobs)
+
+
+def packing_estimates(trials: list[RunConfig], placement: Placement,
+                      groups: list[list[int]] | None = None) -> dict[str, int] | None:
     """Where a task's workers would share a GPU: each such trial's estimated worker memory (for the
     task to check without importing torch), after refusing, when --gpu-memory states the GPU's
     size, a task that cannot fit.  Without --gpu-memory the check waits for the task, which sees
     its GPU (this submit host's GPUs, if any, say nothing about the partition's)."""
-    k = placement.trials_per_task
     packs = {}
-    for slot in range(slot_count(len(trials), k)):
-        group = [trials[i] for i in slot_trials(len(trials), slot, k)]
+    for s, members in enumerate(groups if groups is not None else slots(trials, placement.trials_per_task)):
+        group = [trials[i] for i in members]
         gpus = [str(g) for g in range(placement.slurm_resources(group, GPU_DEFAULT)[1])]
-        packs[slot] = shared_gpus(group, gpus)
+        packs[s] = shared_gpus(group, gpus)
     involved = list({trial_name(t): t for p in packs.values() for ts in p.values() for t in ts}.values())
     if not involved or not placement.memory_check:
         return None
     sizes = memory.estimates(involved)
     capacity = placement.gpu_memory_bytes
     if sizes is not None and capacity is not None:
-        for slot, packed in packs.items():
+        for packed in packs.values():
             memory.check_slurm_gpus(packed, sizes, capacity, f"--gpu-memory {placement.gpu_memory}")
     elif sizes is not None:
         print(f"GPU memory: {sum(bool(p) for p in packs.values())} array tasks share GPUs between workers; each "
@@ -381,32 +424,23 @@ def _need(program: str) -> None:
         raise MtlError(f"{program} is not on PATH: this machine is not a SLURM submit host")
 
 
-def _by_shape(trials: list[RunConfig], slots: list[int], placement: Placement) -> dict[tuple[int, int], list[int]]:
-    """Slots grouped by the (CPUs, GPUs) their job needs: one array per shape, so a 2-GPU trial
-    gets 2 GPUs and a 1-GPU trial does not hold two."""
-    shapes = defaultdict(list)
-    k = placement.trials_per_task
-    for s in slots:
-        group = [trials[i] for i in slot_trials(len(trials), s, k)]
-        shapes[placement.slurm_resources(group, GPU_DEFAULT)].append(s)
-    return dict(shapes)
-
-
 def _log_dir(root: str) -> str:
     """SLURM writes logs to a local path only: the storage's slurm-logs/ when it is a folder,
     else ./slurm-logs."""
     return storage.join(root, "slurm-logs") if storage.is_local(root) else os.path.abspath("slurm-logs")
 
 
-def _sbatch(slots: list[int], shape: tuple[int, int], root: str, placement: Placement, study: str,
-            script: str | None) -> str:
+def _sbatch(batch: list[int], shape: tuple[int, int], root: str, placement: Placement, study: str,
+            script: str | None, after: list[str] | None = None) -> str:
     cpus, gpus = shape
     logs = _log_dir(root)
     os.makedirs(logs, exist_ok=True)   # SLURM fails a job whose log folder is missing (exit 0:53)
-    array = index_ranges(slots) + (f"%{placement.array_parallelism}" if placement.array_parallelism else "")
+    array = index_ranges(batch) + (f"%{placement.array_parallelism}" if placement.array_parallelism else "")
     cmd = ["sbatch", "--parsable", f"--array={array}", f"--job-name=mtl-{os.path.basename(root.rstrip('/'))}",
            f"--comment={_comment(study)}", f"--output={logs}/%x-%A_%a.out", f"--cpus-per-task={cpus}",
            f"--gres=gpu:{gpus}" if gpus else "--gres=none"]
+    if after:      # the upstreams' tasks; cancelled at once when one of them fails, not pending for ever
+        cmd += [f"--dependency=afterok:{':'.join(after)}", "--kill-on-invalid-dep=yes"]
     cmd += [f"--{name}={value}" for name, value in (("partition", placement.partition), ("time", placement.time),
                                                      ("account", placement.account)) if value]
     cmd += placement.sbatch_args + [script or str(SCRIPT), "--trials", study, "--storage", root,

@@ -14,6 +14,11 @@ task per worker; its state is its process's), ``debug`` (each job runs in this p
 the other, while the launcher waits; one worker only).  A job that ends without a result (cancelled,
 killed) is a failed row within seconds, its error otherwise the job's own exception.
 
+Stages: on SLURM every wave is submitted at once, a dependent's job held until its upstream's
+job succeeded (``--dependency=afterok:<job>``, ``--kill-on-invalid-dep=yes``: cancelled when it
+failed); the local and debug executors run the waves one after the other.  Dependents of a
+failed upstream are failed rows naming it (cluster.core.dependencies).
+
 submitit (and, through the jobs, torch) is imported in the functions that submit and follow jobs:
 the submit command's ``--help`` and ``--dry-run`` import this module without it.  What a job
 runs is ``submitit_job.TrialJob``.
@@ -38,9 +43,10 @@ from mtl.lease import Lease
 
 from cluster.backends.slurm_array import ENDED, GPU_DEFAULT as SLURM_GPU_DEFAULT
 from cluster.core.backend import WAIT, Backend, Flag
+from cluster.core.dependencies import fail_dependents, waves
 from cluster.core.ending import record, unfinished
 from cluster.core.placement import Placement, time_minutes
-from cluster.core.study import trial_name
+from cluster.core.study import trial_name, upstream_of
 
 if TYPE_CHECKING:
     from submitit.local.debug import DebugJob
@@ -82,20 +88,49 @@ def run_submitit(trials: list[RunConfig], root: str, placement: Placement, clust
         raise ConfigError("--no-wait: the debug executor runs the trials in this process while it waits "
                           "(use --cluster local or slurm to submit and return)")
     storage.ensure_writable(root)
-    todo = unfinished(trials)
+    blocked = fail_dependents(trials)       # dependents of an upstream that failed in an earlier launch
+    todo = [t for t in unfinished(trials) if trial_name(t) not in blocked]
     if cluster == "debug":
         check_in_process(todo)
-    print(f"{len(trials)} trials: {len(trials) - len(todo)} finished, {len(todo)} to submit "
-          f"(submitit, {cluster} executor)", flush=True)
+    print(f"{len(trials)} trials: {len(trials) - len(unfinished(trials))} finished, {len(todo)} to submit "
+          f"(submitit, {cluster} executor)" + (f", {len(blocked)} not run (an upstream failed)" if blocked else ""),
+          flush=True)
+    levels = waves(todo)
     if not wait:
         if todo:
-            submit(todo, root, placement, cluster)
-        record(root, trials)
+            # SLURM holds the dependents itself (afterok); a local executor cannot: only the first
+            # wave is submitted, and the same command run again once it ended submits the next.
+            submit_all(levels if cluster == "slurm" else levels[:1], root, placement, cluster)
+            if cluster != "slurm" and len(levels) > 1:
+                print(f"{len(todo) - len(levels[0])} trials wait for their upstream stages: run the same command "
+                      "again once these jobs ended", flush=True)
+        record(root, trials, blocked)
         return None
     # A waiting launch holds the study: a second one would submit the same trials beside it.
     with Lease(root, "sweep").acquire():
-        failures = follow(submit(todo, root, placement, cluster), poll_s) if todo else {}
-    return record(root, trials, failures)
+        if cluster == "slurm":       # every wave at once: SLURM starts each dependent after its upstream
+            failures = follow(submit_all(levels, root, placement, cluster), poll_s) if todo else {}
+        else:                        # wave by wave: the next is submitted once this one ended
+            failures = {}
+            for wave in levels:
+                failures.update(fail_dependents(trials, failures))
+                wave = [t for t in wave if trial_name(t) not in failures]
+                if wave:
+                    failures.update(follow(submit(wave, root, placement, cluster), poll_s))
+        failures.update(fail_dependents(trials, failures))
+    return record(root, trials, failures | blocked)
+
+
+def submit_all(levels: list[list[RunConfig]], root: str, placement: Placement, cluster: str) -> list:
+    """Submit the waves in order, each dependent held by SLURM until its upstream's job succeeded
+    (``afterok``; cancelled at once when that job fails, ``kill_on_invalid_dep``); every job."""
+    jobs: list = []
+    job_of: dict[str, str] = {}            # an upstream's folder -> its job id
+    for wave in levels:
+        submitted = submit(wave, root, placement, cluster, job_of)
+        job_of.update({t.out: j.job_id for t, j in zip(wave, submitted)})
+        jobs += submitted
+    return jobs
 
 
 def check_in_process(trials: list[RunConfig]) -> None:
@@ -121,23 +156,28 @@ def folder(root: str) -> str:
     return os.path.join(base, "%j")
 
 
-def submit(trials: list[RunConfig], root: str, placement: Placement, cluster: str | None) -> list:
+def submit(trials: list[RunConfig], root: str, placement: Placement, cluster: str | None,
+           upstream_jobs: dict[str, str] | None = None) -> list:
+    """Submit ``trials`` (one array per worker count and upstream job); their jobs, in the order
+    of ``trials``.  ``upstream_jobs`` (a trial's folder -> its SLURM job id): a trial whose
+    upstream is there waits for that job (SLURM only)."""
     import submitit
 
     from cluster.backends.submitit_job import TrialJob      # submitit and torch: only once jobs are submitted
 
     executor = submitit.AutoExecutor(folder=folder(root), cluster=which_cluster(cluster))
     on_slurm = executor.cluster == "slurm"
-    by_workers: dict[int, list[RunConfig]] = {}
+    upstream_jobs = upstream_jobs or {}
+    by_workers: dict[tuple[int, str | None], list[RunConfig]] = {}
     for t in trials:
-        by_workers.setdefault(t.parallel.workers, []).append(t)
+        by_workers.setdefault((t.parallel.workers, upstream_jobs.get(upstream_of(t))), []).append(t)
     if executor.cluster == "debug":
         check_in_process(trials)
     if executor.cluster != "debug" and any(t.save_every_steps == 0 for t in trials):
         log.warning("checkpoints only at epoch ends (--save-every-steps 0): a job preempted or timed out "
                     "mid-epoch redoes that epoch when it is requeued")
-    jobs = []
-    for workers, group in by_workers.items():
+    jobs = {}
+    for (workers, after), group in by_workers.items():
         gpus = math.ceil(round(workers * placement.gpus(GPU_DEFAULTS[executor.cluster]), 4))   # 3 x 0.1 is not 0.3
         params = dict(name=f"mtl-{os.path.basename(root.rstrip('/'))}", tasks_per_node=workers,
                       cpus_per_task=max(1, math.ceil(placement.cpus_per_worker)),
@@ -146,6 +186,8 @@ def submit(trials: list[RunConfig], root: str, placement: Placement, cluster: st
             params["gpus_per_node"] = gpus
         if on_slurm:
             extra = {"requeue": True, **({"account": placement.account} if placement.account else {})}
+            if after:
+                extra.update(dependency=f"afterok:{after}", kill_on_invalid_dep="yes")
             params.update(slurm_additional_parameters=extra, slurm_setup=list(placement.setup))
             if placement.partition:
                 params["slurm_partition"] = placement.partition
@@ -155,9 +197,9 @@ def submit(trials: list[RunConfig], root: str, placement: Placement, cluster: st
         submitted = executor.map_array(TrialJob(), [t.to_dict() for t in group])
         for t, job in zip(group, submitted):
             job.trial = trial_name(t)
-            print(f"submitted {job.trial} as job {job.job_id}", flush=True)
-        jobs += submitted
-    return jobs
+            jobs[t.out] = job
+            print(f"submitted {job.trial} as job {job.job_id}" + (f" after job {after}" if after else ""), flush=True)
+    return [jobs[t.out] for t in trials]
 
 
 def follow(jobs: list, poll_s: float = 2.0) -> dict[str, str]:

@@ -88,10 +88,19 @@ def write_study_report(rows: list[dict], root: str) -> None:
     print(f"report: {storage.join(write_report(root), 'report.md')}")
 
 
+SHOWN_REASONS = 10      # a study of hundreds of trials must not bury its last line under them
+
+
 def summary(rows: list[dict], root: str) -> int:
-    """Print the launch's last line; its exit code: 0 when every trial is done, else 1."""
+    """Print why each failed trial failed (a few), then the launch's last line; its exit code: 0
+    when every trial is done, else 1."""
     done = sum(r["status"] == "done" for r in rows)
     failed = [r["trial"] for r in rows if r["status"] == "failed"]
+    reasons = [r for r in rows if r["status"] == "failed" and r.get("error")]
+    for r in reasons[:SHOWN_REASONS]:
+        print(f"failed {r['trial']}: {r['error']}")
+    if len(reasons) > SHOWN_REASONS:
+        print(f"... and {len(reasons) - SHOWN_REASONS} more failed trials (their reasons: the table's error column)")
     print(f"{done}/{len(rows)} trials done" + (f", {len(failed)} failed ({', '.join(failed)})" if failed else "")
           + f"; table: {root.rstrip('/')}/results.csv")
     return 0 if done == len(rows) else 1

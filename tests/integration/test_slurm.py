@@ -15,6 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.helpers import assert_ran_after, broken_data, staged_study
+
 pytestmark = [pytest.mark.integration, pytest.mark.slurm]
 ROOT = Path(__file__).resolve().parents[2]
 TRIAL = ["--max-length", "32", "--max-dev-rows", "8", "--batch-size", "4", "--progress", "off"]
@@ -408,3 +410,98 @@ def test_ray_cluster_auth_can_be_turned_off_explicitly(tiny_model_dir, tmp_path,
     assert "warning: RAY_AUTH_MODE=disabled" in log and "NO authentication" in log and "1/1 trials done" in log
     assert [r["status"] for r in json.loads((store / "results.json").read_text())] == ["done"]
     _no_ray_left(job)
+
+
+# --------------------------------------------------------------------------------------------
+# Upstream stages: one shared upstream, three dependents
+# --------------------------------------------------------------------------------------------
+def test_a_shared_upstream_runs_once_before_its_three_dependents_on_slurm(tiny_model_dir, tmp_path, monkeypatch,
+                                                                          capsys):
+    from cluster.backends.slurm_array import submit_array
+    from cluster.core.placement import Placement
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")       # the jobs inherit this process's environment
+    store = tmp_path / "study"
+    trials = staged_study(tiny_model_dir, store)
+    rows = submit_array(trials, str(store), Placement(gpus_per_worker=0), wait=True)
+    out = capsys.readouterr().out
+    assert [r["status"] for r in rows] == ["done"] * 4, out
+    up_job = re.search(r"submitted job (\d+): array 0 \(1 tasks", out).group(1)
+    assert re.search(rf"submitted job \d+: array 1-3 \(3 tasks, 1 CPUs and 0 GPUs each\) after {up_job}_0;", out)
+    assert_ran_after(trials)
+    # The upstream ran in one array task, once: one log names it, with one training run in it.
+    logs = [p.read_text() for p in (store / "slurm-logs").iterdir()]
+    mine = [log for log in logs if re.search(r"array task 0 .*: sst\+para\+sts-s0\n", log)]
+    assert len(mine) == 1 and len(re.findall(r"epoch 1 step \d+ dev", mine[0])) == 1
+    stamp = (store / "sst+para+sts-s0" / "results.json").stat().st_mtime
+    # A rerun submits nothing.
+    again = submit_array(trials, str(store), Placement(gpus_per_worker=0), wait=True)
+    out = capsys.readouterr().out
+    assert "4 trials in 4 array tasks: 4 finished, 0 tasks queued or running, 0 to submit" in out
+    assert "submitted job" not in out and [r["status"] for r in again] == ["done"] * 4
+    assert (store / "sst+para+sts-s0" / "results.json").stat().st_mtime == stamp
+
+
+def test_a_failed_upstream_on_slurm_fails_its_dependents_and_a_fixed_one_runs_them(tiny_model_dir, tmp_path,
+                                                                                   monkeypatch, capsys):
+    from cluster.backends.slurm_array import submit_array
+    from cluster.core.placement import Placement
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    store, data = tmp_path / "study", broken_data(tmp_path)
+    trials = staged_study(tiny_model_dir, store, data_dir=str(data))
+    started = time.monotonic()
+    rows = submit_array(trials, str(store), Placement(gpus_per_worker=0), wait=True)
+    print(f"failed upstream -> dependents reported: {time.monotonic() - started:.1f} s")
+    out = capsys.readouterr().out
+    up_job = re.search(r"submitted job (\d+): array 0 ", out).group(1)
+    assert rows[0]["status"] == "failed" and rows[0]["error"].startswith(f"SLURM task {up_job}_0 FAILED")
+    for row in rows[1:]:      # cancelled by SLURM (kill-on-invalid-dep), reported with the upstream's reason
+        assert row["status"] == "failed" and row["error"].startswith(
+            f"upstream sst+para+sts-s0 failed: SLURM task {up_job}_0 FAILED"), row
+        assert not (store / row["trial"] / "results.json").exists()
+    dep_job = re.search(r"submitted job (\d+): array 1-3 ", out).group(1)
+    from cluster.backends.slurm_array import task_states
+    assert set(task_states({dep_job: [1, 2, 3]}).values()) == {"CANCELLED"}
+    # Fixed (the file is back): the same study runs the upstream, then its dependents.
+    (tmp_path / "quora-train.csv").rename(data / "quora-train.csv")
+    rows = submit_array(trials, str(store), Placement(gpus_per_worker=0), wait=True)
+    assert [r["status"] for r in rows] == ["done"] * 4, capsys.readouterr().out
+    assert_ran_after(trials)
+
+
+def test_submitit_on_slurm_holds_dependents_with_afterok_and_fails_them_with_the_upstream(tiny_model_dir, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """submitit on SLURM: dependents wait on the upstream's job (afterok), a failed upstream fails
+    them with its reason; once fixed all run, and that upstream then serves dependents run as
+    SLURM arrays by the helper (placement is not identity)."""
+    from cluster.backends.submitit_sweep import run_submitit
+    from cluster.core.placement import Placement
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    store, data = tmp_path / "study", broken_data(tmp_path)
+    trials = staged_study(tiny_model_dir, store, data_dir=str(data))
+    rows = run_submitit(trials, str(store), Placement(gpus_per_worker=0), cluster="slurm", poll_s=0.5)
+    out = capsys.readouterr().out
+    up_job = re.search(r"submitted sst\+para\+sts-s0 as job (\S+)", out).group(1)
+    assert len(re.findall(rf"as job \S+ after job {up_job}", out)) == 3
+    assert rows[0]["status"] == "failed" and "quora-train.csv" in rows[0]["error"]
+    assert all(r["status"] == "failed" and r["error"] == f"upstream sst+para+sts-s0 failed: {rows[0]['error']}"
+               for r in rows[1:])
+    (tmp_path / "quora-train.csv").rename(data / "quora-train.csv")      # fixed: the same study runs them all
+    rows = run_submitit(trials, str(store), Placement(gpus_per_worker=0), cluster="slurm", poll_s=0.5)
+    assert [r["status"] for r in rows] == ["done"] * 4, capsys.readouterr().out
+    assert_ran_after(trials)
+    # Placement is not identity: the upstream submitit ran serves dependents run as SLURM arrays.
+    import shutil
+    from cluster.backends.slurm_array import submit_array
+
+    stamp = (store / "sst+para+sts-s0" / "results.json").stat().st_mtime
+    for dep in trials[1:]:
+        shutil.rmtree(dep.out)
+    rows = submit_array(trials, str(store), Placement(gpus_per_worker=0), wait=True)
+    out = capsys.readouterr().out
+    assert "4 trials in 4 array tasks: 1 finished, 0 tasks queued or running, 3 to submit" in out
+    assert re.search(r"submitted job \d+: array 1-3 \(3 tasks, 1 CPUs and 0 GPUs each\); logs", out)   # no afterok
+    assert [r["status"] for r in rows] == ["done"] * 4
+    assert (store / "sst+para+sts-s0" / "results.json").stat().st_mtime == stamp

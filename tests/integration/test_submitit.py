@@ -192,3 +192,32 @@ def test_the_default_executor_is_slurm_where_sbatch_is_on_path_else_local(tmp_pa
     sbatch.chmod(sbatch.stat().st_mode | stat.S_IXUSR)
     assert which_cluster(None) == "slurm"
     assert which_cluster("debug") == "debug"
+
+
+def test_the_local_executor_runs_an_upstream_before_its_dependents_wave_by_wave(tiny_model_dir, tmp_path,
+                                                                                monkeypatch, capsys):
+    from cluster.backends.submitit_sweep import run_submitit
+    from cluster.core.placement import Placement
+    from tests.helpers import assert_ran_after, broken_data, staged_study
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")         # local jobs inherit this process's environment
+    bad = staged_study(tiny_model_dir, tmp_path / "bad", data_dir=str(broken_data(tmp_path)))
+    rows = run_submitit(bad, str(tmp_path / "bad"), Placement(), cluster="local", poll_s=0.5)
+    out = capsys.readouterr().out
+    assert [r["status"] for r in rows] == ["failed"] * 4 and "quora-train.csv" in rows[0]["error"]
+    assert all(r["error"] == f"upstream sst+para+sts-s0 failed: {rows[0]['error']}" for r in rows[1:])
+    assert re.findall(r"submitted (\S+) as job", out) == ["sst+para+sts-s0"]       # the dependents never were
+
+    root = tmp_path / "study"
+    trials = staged_study(tiny_model_dir, root)
+    rows = run_submitit(trials, str(root), Placement(), cluster="local", poll_s=0.5)
+    out = capsys.readouterr().out
+    assert [r["status"] for r in rows] == ["done"] * 4, out
+    assert_ran_after(trials)
+    # One job for the upstream, submitted before the three (once its job had ended).
+    assert re.findall(r"submitted (\S+) as job", out) == [t.out.rsplit("/", 1)[-1] for t in trials]
+    assert out.index("1/1 jobs ended") < out.index("submitted sst+para+sts-then-sst-sum-s0")
+    stamp = (root / "sst+para+sts-s0" / "results.json").stat().st_mtime
+    assert run_submitit(trials, str(root), Placement(), cluster="local") == rows
+    assert "4 trials: 4 finished, 0 to submit" in capsys.readouterr().out
+    assert (root / "sst+para+sts-s0" / "results.json").stat().st_mtime == stamp
