@@ -54,3 +54,13 @@ def test_the_pretraining_grid_dry_run_lists_upstream_stages_and_their_dependents
     after = [line.rsplit("after=", 1)[-1] for line in lines[:-1] if "after=" in line]
     assert after.count("mlm-s0") == 6 and after.count("mlm-then-nli-s0") == 5
     assert lines[-1] == "17 trials (2 upstream stages, each run once before the 11 trials that start from them)"
+
+
+def test_the_report_names_an_upstream_chain_as_one_variant(tmp_path):
+    from cluster.report.reading import report_identity
+
+    trials = {trial_name(t): t for t in expand("pretraining", RunConfig(), str(tmp_path), seeds=[0])}
+    after_nli = report_identity(trials["mlm-then-nli-then-sst-sum-s0"])
+    assert after_nli["after"] == "mlm > nli" and not any(k.startswith("upstream.") for k in after_nli)
+    assert report_identity(trials["mlm-then-sst-sum-s0"])["after"] == "mlm"
+    assert "after" not in report_identity(trials["sst-sum-s0"])
