@@ -2,7 +2,8 @@
 SLURM's time formats, array specs as sacct prints them.  No cluster needed."""
 import pytest
 
-from cluster.backends.slurm_array import _by_shape, _indices
+from cluster.backends.slurm_array import GPU_DEFAULT, _indices
+from cluster.core.dependencies import slots
 from cluster.core.placement import Placement, time_minutes
 from cluster.core.study import expand
 from mtl.config import RunConfig
@@ -26,11 +27,15 @@ def test_bad_placement_is_one_line():
 
 def test_each_array_asks_for_what_its_trials_need():
     trials = expand("smoke", RunConfig(), "/s", seeds=[0])        # five 1-worker trials, one of 2 workers
+
+    def shapes(placement, wanted):
+        groups = slots(trials, placement.trials_per_task)
+        return {s: placement.slurm_resources([trials[i] for i in groups[s]], GPU_DEFAULT) for s in wanted}
     # SLURM clusters are GPU clusters: one GPU per worker unless told otherwise.
-    assert _by_shape(trials, list(range(6)), Placement()) == {(1, 1): [0, 1, 2, 3, 4], (2, 2): [5]}
-    assert _by_shape(trials, [0, 5], Placement(gpus_per_worker=0, cpus_per_worker=4)) == {(4, 0): [0], (8, 0): [5]}
+    assert shapes(Placement(), range(6)) == {0: (1, 1), 1: (1, 1), 2: (1, 1), 3: (1, 1), 4: (1, 1), 5: (2, 2)}
+    assert shapes(Placement(gpus_per_worker=0, cpus_per_worker=4), [0, 5]) == {0: (4, 0), 5: (8, 0)}
     # Two trials per task: the task holds what both need (fractional GPUs add up before rounding).
-    assert _by_shape(trials, [0, 2], Placement(gpus_per_worker=0.5, trials_per_task=2)) == {(2, 1): [0], (3, 2): [2]}
+    assert shapes(Placement(gpus_per_worker=0.5, trials_per_task=2), [0, 2]) == {0: (2, 1), 2: (3, 2)}
 
 
 def test_array_specs_as_sacct_prints_them():
