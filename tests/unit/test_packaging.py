@@ -29,4 +29,5 @@ def test_environment_yml_pins_what_pyproject_pins():
 def test_sample_data_is_packaged():
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "sample_data/*.csv" in cfg["tool"]["setuptools"]["package-data"]["mtl"]
-    assert len(list((ROOT / "mtl" / "sample_data").glob("*.csv"))) == 6
+    assert "sample_data/*.yaml" in cfg["tool"]["setuptools"]["package-data"]["mtl"]      # the NLI spec
+    assert len(list((ROOT / "mtl" / "sample_data").glob("*.csv"))) == 8            # sst, quora, sts, nli: train, dev
