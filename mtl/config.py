@@ -25,12 +25,14 @@ DEFAULT_MODEL = "embedded:all-MiniLM-L6-v2"
 DEFAULT_DATA = "embedded:sample"
 
 
-def _help(text: str, identity: bool = True, methods: tuple[str, ...] = (), **kw) -> Any:
+def _help(text: str, identity: bool = True, methods: tuple[str, ...] = (), new: bool = False, **kw) -> Any:
     """A documented field.  ``identity=False`` marks a setting that does not change what the trial
     computes (where it is stored, how it logs and checkpoints): it is left out of the trial's
     fingerprint, resume checks, TensorBoard's hparams and the sweep table's varied columns.
-    ``methods`` names the loss-combination methods that read a combiner setting."""
-    return field(metadata={"help": text, "identity": identity, "methods": methods}, **kw)
+    ``methods`` names the loss-combination methods that read a combiner setting.  ``new`` marks a
+    setting added after trials were first fingerprinted: at its default it is left out of the
+    identity, so every trial that does not use it keeps the fingerprint it had before."""
+    return field(metadata={"help": text, "identity": identity, "methods": methods, "new": new}, **kw)
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -101,19 +103,98 @@ def parse_task_specs(value) -> tuple[dict, ...]:
     return tuple(specs)
 
 
+def per_task(value: str, task: str, default: str = "") -> str:
+    """One task's value of a per-task setting: 'v' (every task) or 'task=v,task=v' (a task not
+    named gets ``default``)."""
+    if "=" not in value:
+        return value or default
+    return dict(item.split("=", 1) for item in value.split(",")).get(task, default)
+
+
+def _per_task_setting(value: str, name: str, check) -> str:
+    """A per-task setting checked and written canonically ('v', or 'task=v,...' sorted by task);
+    ``check(v)`` returns an error text or ''.  Which tasks it names is checked by RunConfig."""
+    value = value.strip()
+    if not value:
+        return ""
+    if "=" not in value:
+        problem = check(value)
+        _require(not problem, name, problem)
+        return value
+    pairs = {}
+    for item in value.split(","):
+        task, sep, v = (w.strip() for w in item.partition("="))
+        _require(bool(sep and task and v), name, f"{item.strip()!r} is not task=value")
+        _require(task not in pairs, name, f"task {task!r} is given twice")
+        problem = check(v)
+        _require(not problem, name, f"{task}: {problem}")
+        pairs[task] = v
+    return ",".join(f"{t}={pairs[t]}" for t in sorted(pairs))
+
+
+def per_task_tasks(value: str) -> tuple[str, ...]:
+    """The tasks a per-task setting names ('' when it holds one value for all)."""
+    return tuple(item.split("=", 1)[0] for item in value.split(",")) if "=" in value else ()
+
+
+def _one_of(options: tuple[str, ...]):
+    return lambda v: "" if v in options else f"{v!r} is not one of {', '.join(options)}"
+
+
+def _number_in(kind, low: float, high: float):
+    def check(v: str) -> str:
+        try:
+            x = kind(v)
+        except ValueError:
+            return f"{v!r} is not a{'n integer' if kind is int else ' number'}"
+        return "" if low <= x <= high else f"{v} is outside [{low:g}, {high:g}]"
+    return check
+
+
+POOLINGS = ("cls", "mean", "mean_penultimate")
+HEAD_ACTIVATIONS = ("relu", "leaky_relu", "gelu")
+SIAMESE_EXTRAS = ("prod", "cos")
+REGRESSION_ACTIVATIONS = ("sigmoid", "relu", "none")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+REGULARIZERS = ("none", "smart", "l1", "linf")
+# Loss names per task kind: the spec's own (its 'loss:') or one of these by --task-loss.
+TASK_LOSSES = {"classification": ("cross_entropy",), "binary": ("bce", "cosine_embedding", "triplet"),
+               "regression": ("mse", "l1", "smooth_l1", "mse_lasso")}
+
+
 @dataclass
 class ModelConfig:
     model: str = _help(f"Hugging Face encoder name or local path; {DEFAULT_MODEL} is the packaged MiniLM",
                        default=DEFAULT_MODEL)
-    pooling: str = _help("sentence vector: 'cls' ([CLS] token) or 'mean' (mean over tokens)", default="cls")
+    pooling: str = _help("sentence vector: 'cls' ([CLS] token), 'mean' (mean over tokens) or 'mean_penultimate' "
+                         "(mean over tokens of the second-to-last layer); per task as task=value,...", default="cls")
     pair_encoding: str = _help("sentence pairs as one sequence [CLS] a [SEP] b [SEP] ('joint') "
-                               "or each sentence encoded alone ('siamese')", default="joint")
+                               "or each sentence encoded alone ('siamese'); per task as task=value,... "
+                               "(joint PAR and siamese SIM in one trial: para=joint,sts=siamese)", default="joint")
     sim_head: str = _help("head of a regression pair task (SIM) under siamese encoding: 'mlp' on [u; v; |u-v|] or 'cosine' "
                           "(scaled onto the label range)", default="mlp")
+    siamese_features: str = _help("siamese pairs: features beside [u; v; |u-v|], comma-separated: 'prod' (u*v), "
+                                  "'cos' (cos(u, v))", default="", new=True)
     dropout: float = _help("dropout before each head layer", default=0.5)
     encoder_dropout: float = _help("dropout inside the encoder (hidden and attention); -1 keeps the "
                                    "encoder's own setting", default=-1.0)
     head_hidden: int = _help("hidden width of the heads' first layer (0: the encoder's width)", default=0)
+    head_depth: str = _help("hidden layers of each head (0: one linear layer; 1: the reference "
+                            "linear-activation-linear); per task as task=value,...", default="1", new=True)
+    head_activation: str = _help("activation between head layers: relu, leaky_relu or gelu; per task as "
+                                 "task=value,...", default="relu", new=True)
+    head_dropout: str = _help("per-task dropout of the heads as task=value,... (a task not named: --dropout)",
+                              default="", new=True)
+    head_widths: str = _help("per-task hidden width of the heads as task=value,... (a task not named: "
+                             "--head-hidden)", default="", new=True)
+    shared_layer: int = _help("width of a layer between the encoder and every head (linear, activation, "
+                              "dropout; trained with the encoder and shared by all tasks); 0: none", default=0,
+                              new=True)
+    shared_activation: str = _help("the shared layer's activation: relu, leaky_relu, gelu or none",
+                                   default="gelu", new=True)
+    regression_activation: str = _help("a regression head's output onto the label range: 'sigmoid' (scaled to the "
+                                       "range), 'relu' (low + relu(x), the reference study) or 'none' (x as it is)",
+                                       default="sigmoid", new=True)
     max_length: int = _help("tokens per sequence (a pair counts as one sequence unless siamese)", default=128)
 
     freeze_encoder: bool = _help("train the heads only: the encoder stays as loaded (the frozen-encoder "
@@ -121,12 +202,28 @@ class ModelConfig:
 
     def __post_init__(self):
         _require(bool(self.model), "model.model", "must name an encoder")
-        _require(self.pooling in ("cls", "mean"), "model.pooling", f"{self.pooling!r} is not 'cls' or 'mean'")
-        _require(self.pair_encoding in ("joint", "siamese"), "model.pair_encoding",
-                 f"{self.pair_encoding!r} is not 'joint' or 'siamese'")
+        self.pooling = _per_task_setting(self.pooling, "model.pooling", _one_of(POOLINGS)) or "cls"
+        self.pair_encoding = _per_task_setting(self.pair_encoding, "model.pair_encoding",
+                                               _one_of(("joint", "siamese"))) or "joint"
         _require(self.sim_head in ("mlp", "cosine"), "model.sim_head", f"{self.sim_head!r} is not 'mlp' or 'cosine'")
-        _require(self.sim_head == "mlp" or self.pair_encoding == "siamese", "model.sim_head",
+        _require(self.sim_head == "mlp" or "siamese" in self.pair_encoding, "model.sim_head",
                  "'cosine' needs pair_encoding='siamese' (two sentence vectors)")
+        extras = [w.strip() for w in self.siamese_features.split(",") if w.strip()]
+        for w in extras:
+            _require(w in SIAMESE_EXTRAS, "model.siamese_features", f"{w!r} is not one of {', '.join(SIAMESE_EXTRAS)}")
+        _require(len(set(extras)) == len(extras), "model.siamese_features", "a feature is listed twice")
+        self.siamese_features = ",".join(w for w in SIAMESE_EXTRAS if w in extras)
+        self.head_depth = _per_task_setting(self.head_depth, "model.head_depth", _number_in(int, 0, 8)) or "1"
+        self.head_activation = _per_task_setting(self.head_activation, "model.head_activation",
+                                                 _one_of(HEAD_ACTIVATIONS)) or "relu"
+        self.head_dropout = _per_task_setting(self.head_dropout, "model.head_dropout", _number_in(float, 0.0, 0.999))
+        self.head_widths = _per_task_setting(self.head_widths, "model.head_widths", _number_in(int, 1, HEAD_HIDDEN_MAX))
+        _require(0 <= self.shared_layer <= HEAD_HIDDEN_MAX, "model.shared_layer",
+                 f"{self.shared_layer} is outside [0, {HEAD_HIDDEN_MAX}]")
+        _require(self.shared_activation in HEAD_ACTIVATIONS + ("none",), "model.shared_activation",
+                 f"{self.shared_activation!r} is not one of {', '.join(HEAD_ACTIVATIONS + ('none',))}")
+        _require(self.regression_activation in REGRESSION_ACTIVATIONS, "model.regression_activation",
+                 f"{self.regression_activation!r} is not one of {', '.join(REGRESSION_ACTIVATIONS)}")
         _require(0.0 <= self.dropout < 1.0, "model.dropout", f"{self.dropout} is outside [0, 1)")
         _require(self.encoder_dropout == -1.0 or 0.0 <= self.encoder_dropout < 1.0, "model.encoder_dropout",
                  f"{self.encoder_dropout} is neither -1 nor in [0, 1)")
@@ -134,6 +231,15 @@ class ModelConfig:
         _require(0 <= self.head_hidden <= HEAD_HIDDEN_MAX, "model.head_hidden",
                  f"{self.head_hidden} is outside [0, {HEAD_HIDDEN_MAX}]")
         _require(8 <= self.max_length <= 4096, "model.max_length", f"{self.max_length} is outside [8, 4096]")
+
+    def for_task(self, name: str, task: str) -> str:
+        """A per-task setting's value for one task (``name``: pooling, pair_encoding, head_depth, ...)."""
+        defaults = {"head_dropout": repr(self.dropout), "head_widths": str(self.head_hidden),
+                    "pooling": "cls", "pair_encoding": "joint", "head_depth": "1", "head_activation": "relu"}
+        return per_task(getattr(self, name), task, defaults[name])
+
+    def siamese(self, task: str) -> bool:
+        return self.for_task("pair_encoding", task) == "siamese"
 
 
 @dataclass
@@ -210,9 +316,22 @@ class OptimConfig:
     warmup_ratio: float = _help("fraction of steps with linear learning-rate warm-up", default=0.0)
     schedule: str = _help("learning rate after warm-up: 'constant' or 'linear' decay to 0", default="constant")
     grad_clip: float = _help("clip the global gradient norm to this (0: off)", default=0.0)
+    optimizer: str = _help("'adamw' (decoupled weight decay), 'adam' (weight decay as an L2 term in the "
+                           "gradient) or 'sgd' (with --momentum); --lr, --weight-decay, --eps, --beta1/2 apply "
+                           "as each reads them", default="adamw", new=True)
+    momentum: float = _help("sgd: momentum", default=0.9, new=True)
+    early_stop_patience: int = _help("end the trial after this many evaluations in a row without a better "
+                                     "--select-metric (0: train every epoch); its results say so", default=0, new=True)
+    early_stop_delta: float = _help("early stopping: an evaluation counts as better only by more than this",
+                                    default=0.0, new=True)
 
     def __post_init__(self):
         _require_finite(self, "optim.")
+        _require(self.optimizer in OPTIMIZERS, "optim.optimizer", f"{self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        _require(0 <= self.momentum < 1, "optim.momentum", "must be in [0, 1)")
+        _require(self.optimizer == "sgd" or self.momentum == 0.9, "optim.momentum", "applies to --optimizer sgd")
+        _require(self.early_stop_patience >= 0, "optim.early_stop_patience", "must be >= 0")
+        _require(self.early_stop_delta >= 0, "optim.early_stop_delta", "must be >= 0")
         for name in ("lr", "eps"):
             _require(getattr(self, name) > 0, f"optim.{name}", "must be > 0")
         _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
@@ -326,6 +445,81 @@ class CombinerConfig:
 
 
 @dataclass
+class LossConfig:
+    """How each task's loss is computed, beside what its spec says (mtl/losses.py)."""
+    task_loss: str = _help("per-task loss as task=name,...: classification cross_entropy; binary bce, "
+                           "cosine_embedding or triplet (siamese sentence vectors; in-batch negatives); "
+                           "regression mse, l1, smooth_l1 or mse_lasso (MSE + --lasso-weight x the head's L1 "
+                           "norm); a task not named: its spec's loss", default="", new=True)
+    class_weights: str = _help("classification tasks: per-class loss weights, 'balanced' (n / (K n_k) from the "
+                               "training rows) or K colon-separated numbers; per task as task=value,...",
+                               default="", new=True)
+    embedding_margin: float = _help("cosine_embedding: a negative pair's loss is max(0, cos - margin); triplet: "
+                                    "the margin of cosine distances", default=0.5, new=True)
+    pair_threshold: float = _help("cosine_embedding/triplet: a pair is predicted a paraphrase when cos(u, v) "
+                                  "exceeds this", default=0.5, new=True)
+    lasso_weight: float = _help("mse_lasso: weight of the head's L1 norm (mean |w| of its weight matrices)",
+                                default=0.01, new=True)
+
+    def __post_init__(self):
+        self.task_loss = _per_task_setting(self.task_loss, "loss.task_loss",
+                                           _one_of(tuple(sorted({n for v in TASK_LOSSES.values() for n in v}))))
+        self.class_weights = _per_task_setting(self.class_weights, "loss.class_weights", _class_weights)
+        _require_finite(self, "loss.")
+        _require(0.0 <= self.embedding_margin <= 2.0, "loss.embedding_margin", f"{self.embedding_margin} is outside [0, 2]")
+        _require(-1.0 <= self.pair_threshold <= 1.0, "loss.pair_threshold", f"{self.pair_threshold} is outside [-1, 1]")
+        _require(self.lasso_weight >= 0, "loss.lasso_weight", "must be >= 0")
+
+
+def _class_weights(v: str) -> str:
+    if v == "balanced":
+        return ""
+    try:
+        weights = [float(w) for w in v.split(":")]
+    except ValueError:
+        return f"{v!r} is not 'balanced' or colon-separated numbers"
+    return "" if all(math.isfinite(w) and w >= 0 for w in weights) and any(weights) else \
+        f"{v!r}: the weights must be >= 0 and not all 0"
+
+
+@dataclass
+class RegularizeConfig:
+    """A term added to the training objective (mtl/regularize): it joins each task's loss before
+    the combiner acts, so a gradient method's surgery sees the regularised task gradients."""
+    regularizer: str = _help("'none'; 'smart' (adversarial smoothness + Bregman proximal point, Jiang et al. "
+                             "2020; per micro-batch 1 + --smart-steps extra encoder forwards, --smart-steps "
+                             "backwards to the input embeddings and the term's backward, and with --smart-mu > 0 "
+                             "one forward of a momentum copy of the model, whose weights double the model's "
+                             "memory and checkpoint); 'l1' or 'linf' (a weight penalty, mean |w| or the mean of "
+                             "each weight matrix's max |w|; AdamW's decay stays as set)", default="none", new=True)
+    reg_weight: float = _help("weight of the regulariser's term (SMART's lambda_s; the penalty's lambda)",
+                              default=1.0, new=True)
+    smart_epsilon: float = _help("smart: radius of the perturbation's L-infinity ball on the input embeddings",
+                                 default=1e-5, new=True)
+    smart_sigma: float = _help("smart: standard deviation of the perturbation's random start", default=1e-5, new=True)
+    smart_step: float = _help("smart: step size of each ascent step (on the normalised gradient)", default=1e-3,
+                              new=True)
+    smart_steps: int = _help("smart: projected-gradient ascent steps", default=1, new=True)
+    smart_mu: float = _help("smart: weight of the Bregman proximal point term (0: none, and no momentum copy)",
+                            default=1.0, new=True)
+    smart_beta: float = _help("smart: momentum of the proximal copy, updated after every optimizer step",
+                              default=0.99, new=True)
+
+    def __post_init__(self):
+        _require(self.regularizer in REGULARIZERS, "regularize.regularizer",
+                 f"{self.regularizer!r} is not one of {', '.join(REGULARIZERS)}")
+        _require_finite(self, "regularize.")
+        for name in ("reg_weight", "smart_epsilon", "smart_sigma", "smart_step", "smart_mu"):
+            _require(getattr(self, name) >= 0, f"regularize.{name}", "must be >= 0")
+        _require(1 <= self.smart_steps <= 10, "regularize.smart_steps", f"{self.smart_steps} is outside [1, 10]")
+        _require(0 <= self.smart_beta < 1, "regularize.smart_beta", "must be in [0, 1)")
+        defaults = RegularizeConfig.__dataclass_fields__
+        if self.regularizer != "smart":
+            changed = [n for n in defaults if n.startswith("smart_") and getattr(self, n) != defaults[n].default]
+            _require(not changed, f"regularize.{changed[0] if changed else ''}", "applies to --regularizer smart")
+
+
+@dataclass
 class ParallelConfig:
     strategy: str = _help("'ddp' (plain PyTorch; DDP across workers) or 'deepspeed'", default="ddp")
     zero_stage: int = _help("deepspeed: ZeRO stage 0-3 (3 also partitions the weights)", default=0)
@@ -381,6 +575,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     combiner: CombinerConfig = field(default_factory=CombinerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    regularize: RegularizeConfig = field(default_factory=RegularizeConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self):
@@ -394,10 +590,20 @@ class RunConfig:
         _require(self.progress in ("auto", "on", "off"), "progress", f"{self.progress!r} is not auto|on|off")
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
                  f"{self.device!r} is not auto, cpu or cuda[:N]")
-        if self.select_metric != "mean":
+        if self.select_metric == "overall":
+            _require(all(t in self.data.tasks for t in TASK_NAMES), "select_metric",
+                     "'overall' (the leaderboard's (SEN acc + PAR acc + (SIM r + 1)/2) / 3) needs sst, para and sts")
+        elif self.select_metric != "mean":
             task, _, metric = self.select_metric.partition("/")
             _require(task in self.data.tasks and bool(metric), "select_metric",
-                     f"{self.select_metric!r} is not 'mean' or task/metric for a task of this run")
+                     f"{self.select_metric!r} is not 'mean', 'overall' or task/metric for a task of this run")
+        used = self.data.tasks + self.data.eval_tasks
+        for section, name in (("model", "pooling"), ("model", "pair_encoding"), ("model", "head_depth"),
+                              ("model", "head_activation"), ("model", "head_dropout"), ("model", "head_widths"),
+                              ("loss", "task_loss"), ("loss", "class_weights")):
+            for task in per_task_tasks(getattr(getattr(self, section), name)):
+                _require(task in used, f"{section}.{name}", f"names task {task!r}, not a task of this run "
+                                                            f"({', '.join(used)})")
         if self.upstream is not None:
             _require(self.upstream.out.rstrip("/") != self.out.rstrip("/"), "upstream.out",
                      f"{self.out} cannot be its own upstream stage")
@@ -460,6 +666,14 @@ class RunConfig:
                 del d[key]
         if not d["model"]["freeze_encoder"]:
             del d["model"]["freeze_encoder"]
+        for key, default in NEW_AT_DEFAULT.items():      # settings added later, at their defaults
+            section, _, name = key.rpartition(".")
+            node = d[section] if section else d
+            if node.get(name) == default:
+                del node[name]
+        for section in ("loss", "regularize"):
+            if not d[section]:
+                del d[section]
         if self.upstream is not None:
             d["upstream"] = self.upstream.identity()
         return d
@@ -475,7 +689,7 @@ class RunConfig:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "combiner": CombinerConfig,
-            "parallel": ParallelConfig}
+            "loss": LossConfig, "regularize": RegularizeConfig, "parallel": ParallelConfig}
 
 
 # Placement settings that earlier versions kept in the run configuration: configs saved then
@@ -572,3 +786,18 @@ def field_docs() -> list[tuple[str, str, dataclasses.Field]]:
 
 
 NON_IDENTITY = _non_identity()
+
+
+def _new_at_default() -> dict:
+    out = {}
+    for f in dataclasses.fields(RunConfig):
+        if f.metadata.get("new"):
+            out[f.name] = f.default
+    for name, section in SECTIONS.items():
+        for f in dataclasses.fields(section):
+            if f.metadata.get("new"):
+                out[f"{name}.{f.name}"] = f.default
+    return out
+
+
+NEW_AT_DEFAULT = _new_at_default()
