@@ -604,6 +604,7 @@ class RunConfig:
             for task in per_task_tasks(getattr(getattr(self, section), name)):
                 _require(task in used, f"{section}.{name}", f"names task {task!r}, not a task of this run "
                                                             f"({', '.join(used)})")
+        self._check_task_losses()
         if self.upstream is not None:
             _require(self.upstream.out.rstrip("/") != self.out.rstrip("/"), "upstream.out",
                      f"{self.out} cannot be its own upstream stage")
@@ -611,6 +612,28 @@ class RunConfig:
                      f"the upstream stage trains {self.upstream.model.model!r}, this stage {self.model.model!r}: "
                      "a stage carries the encoder on, so both name the same one")
         # Cross-section checks live with the sections' owners (the combiner registry checks its own fit).
+
+    def _check_task_losses(self) -> None:
+        """Each --task-loss fits its task's kind; the embedding losses need the task's two sentence
+        vectors (siamese); class weights are for classification tasks, one per class."""
+        for task in self.data.tasks + self.data.eval_tasks:
+            spec = task_specs.get(task)
+            loss = per_task(self.loss.task_loss, task, "")
+            if loss:
+                _require(loss in TASK_LOSSES.get(spec["kind"], ()), "loss.task_loss",
+                         f"{task}: {loss!r} is not a loss of a {spec['kind']} task "
+                         f"({', '.join(TASK_LOSSES.get(spec['kind'], ()))})")
+            if loss in ("cosine_embedding", "triplet"):
+                _require(len(spec["text_columns"]) == 2 and self.model.siamese(task), "loss.task_loss",
+                         f"{task}: {loss} needs the pair's two sentence vectors: --pair-encoding siamese "
+                         f"(or --pair-encoding {task}=siamese)")
+            weights = per_task(self.loss.class_weights, task, "")
+            if weights and "=" not in self.loss.class_weights and spec["kind"] != "classification":
+                continue            # one value for all: every classification task of the run
+                _require(spec["kind"] == "classification", "loss.class_weights",
+                         f"{task}: a {spec['kind']} task has no class weights")
+                _require(weights == "balanced" or len(weights.split(":")) == spec["classes"], "loss.class_weights",
+                         f"{task}: {len(weights.split(':'))} weights for {spec['classes']} classes")
 
     @property
     def pad_multiple(self) -> int:
