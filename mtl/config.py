@@ -630,6 +630,7 @@ class RunConfig:
             weights = per_task(self.loss.class_weights, task, "")
             if weights and "=" not in self.loss.class_weights and spec["kind"] != "classification":
                 continue            # one value for all: every classification task of the run
+            if weights:
                 _require(spec["kind"] == "classification", "loss.class_weights",
                          f"{task}: a {spec['kind']} task has no class weights")
                 _require(weights == "balanced" or len(weights.split(":")) == spec["classes"], "loss.class_weights",
