@@ -636,6 +636,12 @@ class RunConfig:
                 _require(weights == "balanced" or len(weights.split(":")) == spec["classes"], "loss.class_weights",
                          f"{task}: {len(weights.split(':'))} weights for {spec['classes']} classes")
 
+    def embedding_tasks(self) -> frozenset[str]:
+        """The tasks trained by an embedding loss (cosine_embedding, triplet): their model output is
+        [cos(u, v) - pair_threshold, u, v] and they have no head (mtl.model, mtl.losses)."""
+        return frozenset(t for t in self.data.tasks + self.data.eval_tasks
+                         if per_task(self.loss.task_loss, t, "") in ("cosine_embedding", "triplet"))
+
     @property
     def pad_multiple(self) -> int:
         return self.pad_to_multiple or (16 if self.compile else 1)
