@@ -1,4 +1,5 @@
-"""The optimizer and its learning-rate schedule."""
+"""The optimizer (AdamW, the reference; Adam or SGD where a seed study used them) and its
+learning-rate schedule."""
 from __future__ import annotations
 
 import torch
@@ -25,7 +26,13 @@ def build_optimizer(cfg: RunConfig, model: torch.nn.Module, combiner: Combiner) 
     # Same update within rounding.  DeepSpeed wraps the optimizer in its own mixed-precision
     # machinery: it gets the default implementation.
     fused = cfg.parallel.strategy == "ddp"
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
+    if o.optimizer == "sgd":
+        # Weight decay as SGD applies it (an L2 term in the gradient); the betas and eps are Adam's.
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, fused=fused or None)
+    # Adam: the seeds' alternative, weight decay coupled into the gradient (so Adam's scaling
+    # divides it), where AdamW decays the weights directly (Loshchilov & Hutter 2019).
+    kind = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
+    return kind(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
 
 
 def build_scheduler(cfg: RunConfig, optimizer, total_steps: int):

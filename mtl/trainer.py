@@ -69,6 +69,9 @@ class TrainState:
     backwards: int = 0            # the strategy's backward passes, counted
     counted_steps: int = 0        # steps whose backward passes were counted
     peak_memory_mb: float = 0.0   # the highest peak of the sessions checkpointed so far
+    evals_without_gain: int = 0   # early stopping: evaluations since the last gain of > early_stop_delta
+    gain_score: float = -math.inf  # ... and the score that gain reached
+    stopped_early: dict = field(default_factory=dict)   # why the trial ended before its last epoch
 
     def state_dict(self) -> dict:
         return vars(self).copy()
@@ -159,7 +162,7 @@ class Trainer:
         run folder.  Between steps, a lost lease or a stop request ends it (``check_leave``)."""
         self.model.train()
         self.costs.start()
-        while self.state.epoch < self.cfg.optim.epochs and not self.reached_max_steps():
+        while self.state.epoch < self.cfg.optim.epochs and not self.reached_max_steps() and not self.state.stopped_early:
             self.run_epoch(lease, stop)
             self.end_epoch()
         if self.bar:
@@ -227,8 +230,27 @@ class Trainer:
         if state.epoch % self.cfg.eval_every_epochs == 0 or last:
             record = self.evaluate()
             self.combiner.after_evaluation(record["metrics"])
+            self.check_patience(record["score"], last)
         self.save_checkpoint(record)
         self.sink.flush()
+
+    def check_patience(self, value: float, last: bool) -> None:
+        """Early stopping: after --early-stop-patience evaluations in a row without a gain of more
+        than --early-stop-delta on the selection metric, the trial ends here (its best weights
+        are those kept so far); the results say why.  Every rank scores the same dev set, so
+        every rank decides alike."""
+        state, optim = self.state, self.cfg.optim
+        if value > state.gain_score + optim.early_stop_delta:
+            state.gain_score, state.evals_without_gain = value, 0
+            return
+        state.evals_without_gain += 1
+        if optim.early_stop_patience and state.evals_without_gain >= optim.early_stop_patience and not last:
+            state.stopped_early = {
+                "reason": f"no gain above {state.gain_score:.4f} (+{optim.early_stop_delta:g}) in {self.cfg.select_metric} "
+                          f"for {state.evals_without_gain} evaluation(s) (--early-stop-patience "
+                          f"{optim.early_stop_patience})",
+                "epoch": state.epoch, "step": state.step, "of_epochs": optim.epochs}
+            log.info("early stop at epoch %d: %s", state.epoch, state.stopped_early["reason"])
 
     def reached_max_steps(self) -> bool:
         return bool(self.cfg.optim.max_steps) and self.state.step >= self.cfg.optim.max_steps
@@ -462,6 +484,8 @@ class Trainer:
             "grad_conflict_fraction": state.conflict_steps / state.measured_steps if state.measured_steps else None,
             "grad_cos_mean": {pair: total / state.measured_steps for pair, total in state.cos_sums.items()},
             "weights_digest": weights_digest(self.strategy.full_state_dict()),
+            "best_by_task": best_by_task(state.history, cfg.data.tasks + cfg.data.eval_tasks),
+            **({"stopped_early": state.stopped_early} if state.stopped_early else {}),
             **self.cost_results(),
             **({"stages": stages_history(cfg)} if cfg.upstream is not None else {}),
         }
@@ -489,3 +513,16 @@ def weights_digest(weights: dict) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def best_by_task(history: list[dict], tasks) -> dict:
+    """Per task, the evaluation with its best primary score (the report's per-task view: each
+    task's best epoch, where the trial's best weights are chosen once for all tasks)."""
+    out = {}
+    for task in tasks:
+        key = f"{task}/{TASKS[task].primary_metric}"
+        scored = [r for r in history if key in r["metrics"]]
+        if scored:
+            best = max(scored, key=lambda r: r["metrics"][key])
+            out[task] = {"epoch": best["epoch"], "step": best["step"], "metric": key, "value": best["metrics"][key]}
+    return out
