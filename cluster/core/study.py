@@ -134,8 +134,40 @@ def sampling_axes() -> list[dict]:
 SAMPLING_FIXED_N = 2000      # the sampling grid's fixed n: about the smallest task of the full data sets
 
 
+REGULARIZERS = [{}, {"regularize.regularizer": "smart"}, {"regularize.regularizer": "l1"},
+                {"regularize.regularizer": "linf"}]
+
+
+def regularization_axes() -> list[dict]:
+    """Does a regulariser help?  No regulariser, SMART, an L1 and an L-infinity weight penalty (each
+    with its defaults: see --help), each with its own single-task baselines and every pair under
+    addition and PCGrad, so each pairing's change compares runs of the same regulariser."""
+    trials = []
+    for reg in REGULARIZERS:
+        trials += [{"data.tasks": t, "combiner.combiner": "sum", **reg} for t in SINGLES]
+        trials += [{"data.tasks": p, "combiner.combiner": c, **reg} for p in PAIRS for c in ("sum", "pcgrad")]
+    return trials
+
+
+# One change at a time from the reference model ([CLS], joint pairs, one hidden layer per head):
+ARCHITECTURES = [{}, {"model.pooling": "mean"}, {"model.pooling": "mean_penultimate"},
+                 {"model.pair_encoding": "siamese"},
+                 {"model.pair_encoding": "siamese", "model.siamese_features": "prod,cos"},
+                 {"model.head_depth": "0"}, {"model.head_depth": "2"}, {"model.shared_layer": 256}]
+
+
+def architecture_axes() -> list[dict]:
+    """Which model?  The reference model and one change at a time: mean or second-to-last-layer
+    mean pooling, siamese pairs (alone, and with u*v and cos(u, v) features), a single
+    linear or a deeper head, a shared layer before the heads; each with its own single-task
+    baselines and every pair by addition.  (A variant that cannot change a task, siamese pairs for
+    SEN, retrains that baseline under the variant's name: the report matches baselines by variant.)"""
+    return [{"data.tasks": t, "combiner.combiner": "sum", **arch} for arch in ARCHITECTURES for t in SINGLES + PAIRS]
+
+
 NAMED = {"pairings": pairings_axes, "weighting": weighting_axes, "methods": methods_axes, "smoke": smoke_axes,
-         "pretraining": pretraining_axes, "sequential": sequential_axes, "sampling": sampling_axes}
+         "pretraining": pretraining_axes, "sequential": sequential_axes, "sampling": sampling_axes,
+         "regularization": regularization_axes, "architecture": architecture_axes}
 
 
 def yaml_axes(path: str) -> tuple[list[dict], dict]:

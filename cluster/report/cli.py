@@ -20,9 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="launch/report.py", description=__doc__.split("\n\n")[0])
     p.add_argument("storage", help="the sweep's storage folder or fsspec URL")
     p.add_argument("--out", default=None, help="report folder or URL (default: <storage>/report)")
+    p.add_argument("--per-task-best", action="store_true",
+                   help="score each task at its own best evaluation (results' best_by_task) rather than at the "
+                        "trial's best epoch (chosen by --select-metric for all tasks at once); no bootstrap then")
     args = p.parse_args(argv)
     try:
-        out = write_report(args.storage.rstrip("/"), args.out)
+        out = write_report(args.storage.rstrip("/"), args.out, per_task_best=args.per_task_best)
     except MtlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -377,6 +377,7 @@ class Analysis:
     scores: dict                        # (task, grouping, label) -> {seed: absolute score}
     baseline_labels: dict[str, str]     # single-task trial name -> its row label
     costs: dict[tuple[str, str], Cost]  # (grouping, label) -> its steps' cost against addition's
+    per_task_best: bool = False         # each task scored at its own best evaluation
 
     @property
     def trials(self) -> list[Trial]:
@@ -391,12 +392,16 @@ class Analysis:
         return sorted({t.seed for t in self.done})
 
 
-def analyse(root: str, resamples: int = stats.RESAMPLES) -> Analysis:
-    """Read the study at ``root`` and compute every comparison the report shows."""
-    study = load_study(root)
+def analyse(root: str, resamples: int = stats.RESAMPLES, per_task_best: bool = False) -> Analysis:
+    """Read the study at ``root`` and compute every comparison the report shows (``per_task_best``:
+    each task scored at its own best evaluation; no bootstrap then, as only the predictions of
+    each trial's one best epoch are kept)."""
+    study = load_study(root, per_task_best)
     changes, no_baseline = match_baselines(study.trials)
-    predictions = Predictions()
+    predictions = Predictions("per-task best epochs: only the best epoch's dev predictions are kept"
+                              if per_task_best else "")
     bootstrap(changes, predictions, resamples)
     summaries = task_summaries(changes)
     return Analysis(study, resamples, changes, no_baseline, predictions, summaries, delta_m_summaries(changes),
-                    marks_in_use(summaries), absolute(study.trials), baseline_labels(study.trials), costs(study.trials))
+                    marks_in_use(summaries), absolute(study.trials), baseline_labels(study.trials), costs(study.trials),
+                    per_task_best)

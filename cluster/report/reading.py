@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mtl import storage
-from mtl.config import RunConfig
+from mtl.config import NEW_AT_DEFAULT, RunConfig
 from mtl.stages import links
 from mtl.errors import MtlError
 from mtl.monitor import flatten
@@ -35,6 +35,7 @@ class Trial:
     memory_kind: str = ""                        # cuda_allocated or cpu_rss (mtl.cost)
     backwards_per_step: float | None = None      # backward passes per optimizer step, counted
     cost_class: str = ""                         # the method's declared cost class
+    overall: float | None = None                 # the leaderboard's overall score (sst, para and sts trained)
     error: str = ""                              # why it failed, or why its results are unreadable
     folder: str = ""
     identity: dict = field(default_factory=dict, repr=False)
@@ -85,14 +86,15 @@ def method_of(cfg: RunConfig) -> tuple[str, dict]:
 # --------------------------------------------------------------------------------------------
 # The trials' results.json
 # --------------------------------------------------------------------------------------------
-def load_study(root: str) -> Study:
+def load_study(root: str, per_task_best: bool = False) -> Study:
     """Every trial the sweep's table lists (or, without a readable table, every trial folder),
     read fresh from its own results.json.  Nothing in a trial's folder stops the reading: a
-    broken file makes that trial 'unreadable', with its reason."""
+    broken file makes that trial 'unreadable', with its reason.  ``per_task_best``: each task's
+    score from its own best evaluation (results' best_by_task), not the trial's best epoch."""
     names, notes = _trial_names(root)
     if not names:
         raise MtlError(f"{root}: no sweep here (no results.json table and no trial folders with results)")
-    trials = [_read_trial(root, n) for n in names]
+    trials = [_read_trial(root, n, per_task_best) for n in names]
     _name_variants([t for t in trials if t.identity])
     return Study(root, trials, notes)
 
@@ -123,7 +125,7 @@ def _one_line(exc: Exception) -> str:
     return (text[0] if text else type(exc).__name__)[:160]
 
 
-def _read_trial(root: str, name: str) -> Trial:
+def _read_trial(root: str, name: str, per_task_best: bool = False) -> Trial:
     folder = storage.join(root, name)
     url = storage.join(folder, "results.json")
     if not storage.exists(url):
@@ -153,12 +155,17 @@ def _read_trial(root: str, name: str) -> Trial:
                   error=str(res.get("error", "")), folder=folder, identity=report_identity(cfg))
     if status == "done":
         metrics = res["best"]["metrics"]
+        by_task = res.get("best_by_task") if per_task_best else None
+        if per_task_best and not isinstance(by_task, dict):
+            return unreadable("its results have no per-task best epochs (written before they were recorded)")
         for task in cfg.data.tasks:
             key = f"{task}/{TASKS[task].primary_metric}"
-            value = metrics.get(key)
+            value = metrics.get(key) if by_task is None else (by_task.get(task) or {}).get("value")
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 return unreadable(f"its best metrics have no number for {key}")
             trial.scores[task] = float(value)
+        overall = metrics.get("overall")
+        trial.overall = float(overall) if isinstance(overall, (int, float)) and not isinstance(overall, bool) else None
         trial.examples = _examples_per_epoch(res, cfg)
         cos = res.get("grad_cos_mean")
         cos = [v for v in cos.values() if isinstance(v, (int, float))] if isinstance(cos, dict) else []
@@ -229,6 +236,8 @@ def report_identity(cfg: RunConfig) -> dict:
     tasks (mlm, then nli: 'mlm > nli'; heads carried or an encoder frozen say so), so a pretraining
     variant is one part of a row label and baselines match on it like any other variant."""
     flat = {k: v for k, v in flatten(cfg.identity()).items() if not k.startswith("upstream.")}
+    for key, default in NEW_AT_DEFAULT.items():      # left out of the identity at their defaults: label them
+        flat.setdefault(key, default)
     if cfg.upstream is not None:
         flat["after"] = " > ".join("+".join(s.data.tasks) for s in links(cfg.upstream))
     return flat
@@ -254,12 +263,17 @@ def _fmt(value) -> str:
 # The trials' dev predictions (for the bootstrap and the best-model figures)
 # --------------------------------------------------------------------------------------------
 class Predictions:
-    """Each trial's best/dev_predictions.json, read once; a missing or broken file is a reason."""
+    """Each trial's best/dev_predictions.json, read once; a missing or broken file is a reason.
+    ``unavailable``: a reason that holds for every trial (per-task best epochs: the predictions
+    kept are those of the trial's one best epoch, not of each task's)."""
 
-    def __init__(self):
+    def __init__(self, unavailable: str = ""):
         self._cache: dict[str, tuple[dict | None, str]] = {}
+        self.unavailable = unavailable
 
     def file(self, trial: Trial) -> tuple[dict | None, str]:
+        if self.unavailable:
+            return None, self.unavailable
         if trial.folder not in self._cache:
             self._cache[trial.folder] = _read_predictions(trial.folder)
         return self._cache[trial.folder]

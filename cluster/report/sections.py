@@ -35,7 +35,9 @@ def header_section(analysis: Analysis, out: ReportFiles) -> None:
                f"{len(trials)} trials: {counts['done']} done, {counts['failed']} failed, {counts['missing']} missing"
                + (f", {counts['unreadable']} unreadable" if counts["unreadable"] else "")
                + f"; seeds {', '.join(map(str, seeds)) or '-'}. "
-               "Scores: each task's primary dev metric (SEN accuracy, PAR accuracy, SIM Pearson), best epoch.", ""]
+               "Scores: each task's primary dev metric (SEN accuracy, PAR accuracy, SIM Pearson), "
+               + ("each task's own best evaluation (--per-task-best)." if analysis.per_task_best else "best epoch."),
+               ""]
     out.md += [note + "\n" for note in analysis.study.notes]
     unfinished = [t for t in trials if t.status != "done"]
     if unfinished:
@@ -222,6 +224,26 @@ def conflict_section(analysis: Analysis, out: ReportFiles) -> None:
     md += ["", "![conflict vs change](conflict-vs-change.png)", ""]
 
 
+def overall_section(analysis: Analysis, out: ReportFiles) -> None:
+    """The course leaderboard's overall score, (SEN acc + PAR acc + (SIM r + 1) / 2) / 3, of every
+    trial that trained the three tasks, over seeds (overall.csv); at each trial's best epoch."""
+    groups: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
+    for t in analysis.done:
+        if t.overall is not None:
+            groups[(t.grouping, t.label)][t.seed] = t.overall
+    if not groups:
+        return
+    out.md += ["## The leaderboard's overall score", "",
+               "(SEN acc + PAR acc + (SIM r + 1) / 2) / 3 at each trial's best epoch, over seeds.", "",
+               "| tasks | method | overall | seeds |", "|---|---|---|---|"]
+    for (grouping, label), by_seed in sorted(groups.items(), key=lambda kv: -sum(kv[1].values()) / len(kv[1])):
+        mean, std = mean_std(list(by_seed.values()))
+        out.md.append(f"| {grouping} | {label} | {mean:.4f}{f' ± {std:.4f}' if len(by_seed) > 1 else ''} | {len(by_seed)} |")
+        out.tables["overall"].append({"tasks": grouping, "method": label, "overall_mean": mean,
+                                      "overall_std": std, "seeds": len(by_seed)})
+    out.md.append("")
+
+
 def answers_section(analysis: Analysis, out: ReportFiles) -> None:
     out.md += ["## Answers", ""] + (answers(analysis.trials, analysis.summaries, analysis.delta_m)
                                     or ["- Not enough finished trials to answer."]) + [""]
@@ -282,4 +304,4 @@ def _change_row(c: Change) -> dict:
 
 # The report, top to bottom.  A new section is a function (Analysis, ReportFiles) -> None placed here.
 SECTIONS = (header_section, protocol_section, task_sections, ranking_section, pareto_section, alpha_section,
-            conflict_section, answers_section, best_models_section, data_tables)
+            conflict_section, overall_section, answers_section, best_models_section, data_tables)

@@ -8,11 +8,12 @@ from cluster.report.sections import SECTIONS, ReportFiles
 from mtl import storage
 
 
-def write_report(root: str, out: str | None = None, resamples: int = stats.RESAMPLES) -> str:
+def write_report(root: str, out: str | None = None, resamples: int = stats.RESAMPLES,
+                 per_task_best: bool = False) -> str:
     """Write the report folder (default: <root>/report); returns its URL."""
     use_headless_backend()
     out = out or storage.join(root, "report")
-    analysis = analyse(root, resamples)
+    analysis = analyse(root, resamples, per_task_best)
     files = ReportFiles()
     for section in SECTIONS:
         section(analysis, files)
