@@ -19,6 +19,7 @@ shared upstream stage once at its storage root (cluster.core.study)."""
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import yaml
 
@@ -35,9 +36,11 @@ class UpstreamNotReady(MtlError):
     """The stage this trial starts from has not finished, or failed."""
 
 
-def chain(base: RunConfig, stages: list[dict], where: str = "stages") -> RunConfig:
+def chain(base: RunConfig, stages: list[dict], where: str = "stages",
+          each: Callable[[RunConfig], RunConfig] | None = None) -> RunConfig:
     """``base`` with its upstream chain: stage i is ``base`` with stage i's settings, run in
-    ``<base.out>/stages/<i>-<tasks>``, each starting from the one before."""
+    ``<base.out>/stages/<i>-<tasks>``, each starting from the one before (``each``: applied to
+    every stage's config as it is made, such as a study's method defaults)."""
     upstream = None
     for i, settings in enumerate(stages):
         if not isinstance(settings, dict) or not settings:
@@ -49,15 +52,9 @@ def chain(base: RunConfig, stages: list[dict], where: str = "stages") -> RunConf
         except ConfigError as exc:
             raise ConfigError(f"{where}[{i}]: {exc}") from None
         upstream = stage.replace(out=storage.join(base.out, "stages", f"{i}-{'+'.join(stage.data.tasks)}"))
-    return _with_upstream(base, upstream)
-
-
-def _with_upstream(cfg: RunConfig, upstream: RunConfig | None) -> RunConfig:
-    d = cfg.to_dict()
-    d["upstream"] = upstream.to_dict() if upstream is not None else None
-    if upstream is None:
-        d["carry_heads"] = False
-    return RunConfig.from_dict(d)
+        upstream = each(upstream) if each else upstream
+    # Without stages, carry_heads stays as given: check_stage refuses it, rather than a silent reset.
+    return base.replace(upstream=upstream.to_dict() if upstream is not None else None)
 
 
 def load_chain_file(path: str) -> list[dict]:

@@ -31,7 +31,7 @@ import yaml
 from mtl import results as trial_results, storage
 from mtl.config import GRADIENT_METHODS, NON_IDENTITY, SEED_MAX, TASK_NAMES, CombinerConfig, RunConfig, set_dotted
 from mtl.errors import ConfigError, kind
-from mtl.stages import links
+from mtl.stages import chain, links
 
 SIZE_CONTROLS = ("study", "pairing", "none")
 NAME_MAX = 255       # bytes in one file or folder name
@@ -314,13 +314,9 @@ def _stage_chain(stage_list: list[dict] | None, base: RunConfig, fixed: dict, se
     """The upstream chain of ``stage_list`` (each stage: the grid's base and fixed settings, the
     trial's seed, then the stage's own settings), as a config's ``upstream``; its folders are
     placed later (``place_upstreams``)."""
-    upstream = None
-    for i, settings in enumerate(stage_list or []):
-        stage = base.replace(**{**fixed, "seed": seed, "carry_heads": False, "data.eval_tasks": "", **settings,
-                                "upstream": upstream,
-                                "out": storage.join(base.out, "stages", str(i))})
-        upstream = _method_defaults(stage).to_dict()
-    return upstream
+    if not stage_list:
+        return None
+    return chain(base.replace(**{**fixed, "seed": seed}), stage_list, "stages", each=_method_defaults).to_dict()["upstream"]
 
 
 def _pin_stages(cfg: RunConfig) -> RunConfig:
