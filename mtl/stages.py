@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-import yaml
 
 from mtl import results as trial_results, storage
 from mtl.config import RunConfig
@@ -59,11 +58,7 @@ def chain(base: RunConfig, stages: list[dict], where: str = "stages",
 
 def load_chain_file(path: str) -> list[dict]:
     """The stages of a chain file: ``stages:`` and a list of mappings of settings."""
-    try:
-        spec = yaml.safe_load(storage.read_text(path))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ConfigError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML") from None
+    spec = storage.read_yaml(path)
     if not isinstance(spec, dict) or set(spec) != {"stages"} or not isinstance(spec["stages"], list):
         raise ConfigError(f"{path}: a chain file is 'stages:' and a list of stages (mappings of settings)")
     return spec["stages"]

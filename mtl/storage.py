@@ -16,7 +16,7 @@ import uuid
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from mtl.errors import NotFound, StorageError
+from mtl.errors import ConfigError, NotFound, StorageError
 
 
 def join(base: str, *parts: str) -> str:
@@ -67,6 +67,25 @@ def read_bytes(url: str) -> bytes:
 
 def read_text(url: str) -> str:
     return read_bytes(url).decode("utf-8")
+
+
+def read_yaml(url: str, text: str | None = None):
+    """A YAML file (or JSON, by its .json name) parsed; a syntax error is one ConfigError naming
+    the file, line and column: ``grid.yaml:3:7: not valid YAML (found ...)``."""
+    import json
+
+    import yaml
+
+    text = read_text(url) if text is None else text
+    is_json = url.endswith(".json")
+    try:
+        return json.loads(text) if is_json else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = (f":{mark.line + 1}:{mark.column + 1}" if mark else
+                 f":{exc.lineno}:{exc.colno}" if hasattr(exc, "lineno") else "")
+        problem = getattr(exc, "problem", None) or getattr(exc, "msg", None) or exc
+        raise ConfigError(f"{url}{where}: not valid {'JSON' if is_json else 'YAML'} ({problem})") from None
 
 
 def write_bytes(url: str, data: bytes) -> None:

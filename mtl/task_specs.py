@@ -21,7 +21,6 @@ which a trial's configuration carries whole: a task's spec is part of what a tri
 ``mtl.tasks`` turns a normalised spec into the TaskSpec the training code uses."""
 from __future__ import annotations
 
-import json
 import re
 
 from mtl.errors import ConfigError, NotFound
@@ -172,8 +171,6 @@ def _loss_and_metrics(spec: dict, kind: str, bad) -> dict:
 def load(path: str) -> dict:
     """A spec file (YAML, or JSON, which YAML reads too) checked and normalised."""
     # Lazy: fsspec (mtl.storage) and yaml stay off mtl.config's import path until a spec file is read.
-    import yaml
-
     from mtl import storage
 
     try:
@@ -182,13 +179,7 @@ def load(path: str) -> dict:
         raise ConfigError(f"{path}: task spec file not found") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    try:
-        spec = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else (f":{exc.lineno}" if hasattr(exc, "lineno") else "")
-        raise ConfigError(f"{path}{line}: not valid {'JSON' if path.endswith('.json') else 'YAML'} "
-                          f"({getattr(exc, 'problem', None) or getattr(exc, 'msg', None) or exc})") from None
+    spec = storage.read_yaml(path, text)
     spec = normalise(spec, path)
     if spec["name"] in BUILTIN or spec["name"] in RESERVED:
         raise ConfigError(f"{path}: name: {spec['name']!r} is taken (built-in: {', '.join(BUILTIN)}; reserved: "

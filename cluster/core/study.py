@@ -26,8 +26,6 @@ import math
 import os
 from collections import Counter
 
-import yaml
-
 from mtl import results as trial_results, storage
 from mtl.config import GRADIENT_METHODS, NON_IDENTITY, SEED_MAX, TASK_NAMES, CombinerConfig, RunConfig, set_dotted
 from mtl.errors import ConfigError, kind
@@ -171,12 +169,7 @@ NAMED = {"pairings": pairings_axes, "weighting": weighting_axes, "methods": meth
 
 
 def yaml_axes(path: str) -> tuple[list[dict], dict]:
-    try:
-        spec = yaml.safe_load(storage.read_text(path)) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    spec = storage.read_yaml(path) or {}
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: a grid is a mapping with 'axes' and 'fixed'")
     unknown = set(map(str, spec)) - {"axes", "fixed"}

@@ -175,7 +175,7 @@ def test_grid_and_data_errors_name_where(tmp_path):
     bad.write_text("axes:\n  tasks: [sst\n  lr: [1]\n")
     with pytest.raises(ConfigError, match=rf"^{bad}:3:\d+: not valid YAML \("):
         expand(str(bad), RunConfig(), "runs/x", seeds=[0])
-    with pytest.raises(ConfigError, match=r"^--grid: 'pairs' is neither a named grid \(pairings, weighting, methods, smoke, pretraining, sequential, sampling\) "):
+    with pytest.raises(ConfigError, match=r"^--grid: 'pairs' is neither a named grid \(pairings, weighting, methods, smoke, pretraining, sequential, sampling, regularization, architecture\) "):
         expand("pairs", RunConfig(), "runs/x", seeds=[0])
     bad.write_text("axes:\n  seed: [1, 2]\nfixed:\n  seed: 3\n")
     with pytest.raises(ConfigError, match=rf"^{bad}: seed is both an axis and fixed$"):
