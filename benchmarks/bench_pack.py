@@ -138,7 +138,7 @@ def warm_token_cache(base) -> None:
         for split in ("train", "dev"):
             raw = read_split(base.data.data_dir, TASKS[name], split, base.data.on_bad_row,
                              base.data.max_train_rows if split == "train" else base.data.max_dev_rows)
-            encode_split(raw, TASKS[name], tok, base.model.max_length, base.model.pair_encoding == "siamese",
+            encode_split(raw, TASKS[name], tok, base.model.max_length, base.model.siamese(name),
                          base.data.cache_dir)
 
 

@@ -319,8 +319,8 @@ def _tokenize(tokenizer, first: list[str], second: list[str] | None, max_length:
 def tokenize_all(cfg: RunConfig, tasks: list[TaskSpec], raw: dict, dist: DistContext, tokenizer) -> dict:
     """Every task's split encoded with the trial's tokenizer, through the token cache."""
     cache = cfg.data.cache_dir or storage.join(cfg.out, "token_cache")
-    siamese = cfg.model.pair_encoding == "siamese"
-    encode = lambda t: encode_split(raw[t.name], t, tokenizer, cfg.model.max_length, siamese, cache)  # noqa: E731
+    encode = lambda t: encode_split(raw[t.name], t, tokenizer, cfg.model.max_length,  # noqa: E731
+                                    cfg.model.siamese(t.name), cache)     # per task: --pair-encoding sts=siamese
     # Rank 0 fills the cache first so the other ranks load it rather than all tokenizing.
     if dist.is_main:
         encoded = {t.name: encode(t) for t in tasks}

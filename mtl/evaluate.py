@@ -56,8 +56,8 @@ def evaluate(path: str, split: str, data_dir: str | None = None, out: str | None
     if not raw:
         raise ConfigError(f"{path}: an mlm stage's model has no task predictions to write (evaluate the trials "
                           "that start from it)")
-    siamese = cfg.model.pair_encoding == "siamese"
-    encoded = {t: encode_split(r, TASKS[t], tokenizer, cfg.model.max_length, siamese, None) for t, r in raw.items()}
+    encoded = {t: encode_split(r, TASKS[t], tokenizer, cfg.model.max_length, cfg.model.siamese(t), None)
+               for t, r in raw.items()}
     # The trial's own precision (it evaluated under the same autocast), so the scores are the recorded ones.
     mixed = lambda: autocast(torch.device(device).type, AUTOCAST_DTYPES[cfg.precision])  # noqa: E731
     preds = predict(model, encoded, cfg.optim.batch_size * 4, mixed, torch.device(device), cfg.pad_multiple)

@@ -1,7 +1,7 @@
 """A trial's best model, kept in Hugging Face's format so users load and share it as any encoder:
 
     best/encoder/            config.json, model.safetensors, tokenizer files (save_pretrained)
-    best/heads.safetensors   the task heads (heads.<task>.net.*)
+    best/heads.safetensors   the task heads (heads.<task>.net.*) and the shared layer (shared.*) if any
     best/dev_predictions.json  per dev example: id, prediction, gold label, for each task
     best/meta.json           the run configuration, metrics, epoch and step (written last)
 
@@ -26,6 +26,9 @@ from mtl.model import build_model
 from mtl.tasks import TASKS
 
 ENCODER, HEADS, META, PREDICTIONS = "encoder", "heads.safetensors", "meta.json", "dev_predictions.json"
+# What heads.safetensors holds: everything outside the encoder (the shared layer is no part of
+# the Hugging Face encoder, so it travels with the heads).
+BESIDE_ENCODER = ("heads.", "shared.")
 
 
 def best_folder(path: str) -> str:
@@ -47,7 +50,7 @@ def save_best(out: str, model, weights: dict, tokenizer, meta: dict, predictions
         storage.upload_files(local, storage.join(folder, ENCODER))
     finally:
         shutil.rmtree(local, ignore_errors=True)
-    heads = _untied({k: v for k, v in weights.items() if k.startswith("heads.")}, weights)
+    heads = _untied({k: v for k, v in weights.items() if k.startswith(BESIDE_ENCODER)}, weights)
     storage.write_bytes(storage.join(folder, HEADS), save({k: v.detach().cpu().contiguous() for k, v in heads.items()}))
     storage.write_text(storage.join(folder, PREDICTIONS), json.dumps(predictions))
     storage.write_text(storage.join(folder, META), json.dumps(meta, indent=2))
@@ -84,7 +87,8 @@ def load_best(path: str, device: str = "cpu"):
         hf_logging.set_verbosity_error()       # the saved encoder has no pooler (the heads pool): no report
         try:
             tasks = [TASKS[t] for t in cfg.data.tasks + cfg.data.eval_tasks]     # eval-only tasks have heads too
-            model = build_model(dataclasses.replace(cfg.model, model=local), tasks)
+            model = build_model(dataclasses.replace(cfg.model, model=local), tasks, cfg.embedding_tasks(),
+                                cfg.loss.pair_threshold)
             tokenizer = _tokenizer(local)
         except Exception as exc:  # noqa: BLE001 - transformers' and safetensors' errors for a broken folder
             raise CheckpointError(f"{encoder_url}: cannot load the encoder ({_first_line(exc)}): its files are "
@@ -103,7 +107,7 @@ def load_best(path: str, device: str = "cpu"):
                               "safetensors; rerun the trial") from None
     missing, unexpected = model.load_state_dict(heads, strict=False)
     tied = _tied_names(model)
-    heads_missing = [k for k in missing if k.startswith("heads.") and k not in tied]
+    heads_missing = [k for k in missing if k.startswith(BESIDE_ENCODER) and k not in tied]
     if heads_missing or unexpected:
         raise CheckpointError(f"{folder}/{HEADS}: does not fit the trial's heads "
                               f"(missing {heads_missing[:2]}, unexpected {unexpected[:2]})")
@@ -114,7 +118,7 @@ def _untied(heads: dict, weights: dict) -> dict:
     """The heads' tensors less those tied to another (a masked-LM head's decoder weight is the
     encoder's embeddings, its decoder bias its own bias): safetensors stores one name per
     storage, and the model ties them again when it is built."""
-    seen = {v.data_ptr() for k, v in weights.items() if not k.startswith("heads.") and v.numel()}
+    seen = {v.data_ptr() for k, v in weights.items() if not k.startswith(BESIDE_ENCODER) and v.numel()}
     out = {}
     for name, tensor in heads.items():
         if tensor.numel() and tensor.data_ptr() in seen:

@@ -22,7 +22,7 @@ def first_step_gradients(cfg, loss_scale: float = 2.0 ** 8) -> torch.Tensor:
     raw, _ = read_data(cfg, tasks)
     tokenizer = load_tokenizer(cfg.model)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, tasks).to(device)
+    model = build_model(cfg.model, tasks, cfg.embedding_tasks(), cfg.loss.pair_threshold).to(device)
     opt = torch.optim.AdamW(model.parameters())
     strategy = TorchStrategy(cfg, DistContext(device=device))
     strategy.setup(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))

@@ -6,6 +6,8 @@ The estimate, for one worker of a trial (bytes)::
 
     P      trainable parameters: the encoder (built on the meta device from its config: no
            weights read, no memory) without its pooler (the heads pool), plus the task heads
+           (each task's own depth and widths; none for an embedding-loss task) and the
+           --shared-layer, which is shared: counted with the encoder as P_enc below
     states = P x bytes per parameter:
              ddp        fp32 weights 4 + fp32 grads 4 + AdamW's two moments 8           = 16
                         + 2 under bf16/fp16 autocast (its bf16 weight copies, cached from the
@@ -22,7 +24,7 @@ The estimate, for one worker of a trial (bytes)::
     acts   = every task of a step is forwarded before any backward, so their activations add:
              sum over the step's tasks of  b x s x [layers x ((6e + 10) h + 2e i) + 9 h]
                                           + layers x b x a x s^2 x (9 + 2 [e = 2])  (eager attention)
-             b sequences per micro-batch (--batch-size; twice that for siamese pairs), s the
+             b sequences per micro-batch (--batch-size; twice that for a task's siamese pairs), s the
              --max-length, h hidden, i the MLP's width, a heads, e bytes per activation (2 under
              bf16/fp16 autocast, 4 in fp32).  Per layer and token: the attention block saves its
              input, Q, K, V and context (5 h e) and a dropout mask (h); the MLP its input (h e),
@@ -118,8 +120,19 @@ def head_params(cfg: RunConfig, hidden: int) -> int:
     from mtl.tasks import TASKS
 
     with torch.device("meta"):
-        heads = build_heads([TASKS[t] for t in cfg.data.tasks], cfg.model, hidden)
+        heads = build_heads([TASKS[t] for t in cfg.data.tasks], cfg.model, hidden, cfg.embedding_tasks())
     return sum(p.numel() for p in heads.parameters())
+
+
+def shared_layer_params(cfg: RunConfig, hidden: int) -> int:
+    """The --shared-layer's parameters (0 without one): mtl.model's own, on the meta device."""
+    import torch                          # as in model_shape
+
+    from mtl.model import build_shared_layer
+
+    with torch.device("meta"):
+        layer = build_shared_layer(cfg.model, hidden)
+    return sum(p.numel() for p in layer.parameters()) if layer is not None else 0
 
 
 @dataclass(frozen=True)
@@ -136,7 +149,7 @@ def estimate_worker(cfg: RunConfig) -> Estimate:
     from mtl.tasks import TASKS           # torch: as in model_shape
 
     shape = model_shape(cfg.model.model)
-    p_enc = shape.encoder_params
+    p_enc = shape.encoder_params + shared_layer_params(cfg, shape.hidden)   # the shared parameters
     p = p_enc + head_params(cfg, shape.hidden)
     mixed = cfg.precision in ("bf16", "fp16")
     workers, par = cfg.parallel.workers, cfg.parallel
@@ -160,7 +173,7 @@ def estimate_worker(cfg: RunConfig) -> Estimate:
     eager = shape.attention == "eager"
 
     def task_acts(name: str) -> int:
-        b = cfg.optim.batch_size * (2 if TASKS[name].is_pair and cfg.model.pair_encoding == "siamese" else 1)
+        b = cfg.optim.batch_size * (2 if TASKS[name].is_pair and cfg.model.siamese(name) else 1)
         scores = shape.layers * b * shape.heads * s * s * (9 + (2 if e == 2 else 0)) if eager else 0
         return b * s * per_token + scores
 

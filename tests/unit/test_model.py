@@ -12,7 +12,7 @@ def batches(cfg, tasks, n=4):
     out = {}
     for t in tasks:
         raw = read_split("embedded:sample", TASKS[t], "dev", max_rows=n)
-        enc = encode_split(raw, TASKS[t], tok, cfg.max_length, cfg.pair_encoding == "siamese", None)
+        enc = encode_split(raw, TASKS[t], tok, cfg.max_length, cfg.siamese(t), None)
         out[t] = make_batch(enc, torch.arange(n))
     return out
 
