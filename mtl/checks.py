@@ -42,7 +42,7 @@ def check_run(cfg: RunConfig) -> Combiner:
 
 
 def check_select_metric(cfg: RunConfig) -> None:
-    if cfg.select_metric == "mean":
+    if cfg.select_metric in ("mean", "overall"):      # 'overall': RunConfig checked its three tasks
         return
     task, _, metric = cfg.select_metric.partition("/")
     names = TASKS[task].metric_names

@@ -38,15 +38,32 @@ def predict(model: MultiTaskModel, dev: dict, batch_size: int, autocast, device,
     return predictions
 
 
+# The course leaderboard's overall score, of the three reference tasks' dev scores.
+OVERALL_OF = ("sst", "para", "sts")
+
+
 def metric_names(tasks) -> list[str]:
-    return [f"{t}/{m}" for t in tasks for m in TASKS[t].metric_names] + ["mean"]
+    """Every key ``score`` returns for these tasks (TensorBoard's HParams columns are declared
+    with them): each task's metrics, 'mean', and 'overall' when sst, para and sts are scored."""
+    tasks = list(tasks)
+    overall = ["overall"] if all(t in tasks for t in OVERALL_OF) else []
+    return [f"{t}/{m}" for t in tasks for m in TASKS[t].metric_names] + ["mean"] + overall
+
+
+def overall(metrics: dict[str, float]) -> float:
+    """The leaderboard's (SEN acc + PAR acc + (SIM r + 1) / 2) / 3: Pearson's r mapped onto [0, 1]
+    so the three weigh alike."""
+    return (metrics["sst/acc"] + metrics["para/acc"] + (metrics["sts/pearson"] + 1.0) / 2.0) / 3.0
 
 
 def score(predictions: dict[str, torch.Tensor], dev: dict, mean_of=None) -> dict[str, float]:
     """Each task's dev metrics and their 'mean' over the primary metrics of ``mean_of`` (default:
-    every task predicted; a trial's trained tasks, not those it only scores)."""
+    every task predicted; a trial's trained tasks, not those it only scores); 'overall' too when
+    sst, para and sts are among the tasks predicted."""
     metrics = {f"{t}/{name}": value for t, pred in predictions.items()
                for name, value in TASKS[t].metrics(pred, dev[t].labels).items()}
     mean_of = list(predictions) if mean_of is None else list(mean_of)
     metrics["mean"] = sum(metrics[f"{t}/{TASKS[t].primary_metric}"] for t in mean_of) / len(mean_of)
+    if all(t in predictions for t in OVERALL_OF):
+        metrics["overall"] = overall(metrics)
     return metrics

@@ -43,3 +43,39 @@ def ranks(x: torch.Tensor) -> torch.Tensor:
 
 def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     return pearson(ranks(x), ranks(y))
+
+
+# Class-wise scores.  Every ratio whose denominator is 0 (a class never predicted, or absent
+# from gold) counts 0: the score says nothing was got right, never NaN, which would poison a
+# mean, a best-checkpoint comparison or TensorBoard's HParams columns.
+def _ratio(num: int, den: int) -> float:
+    return num / den if den else 0.0
+
+
+def recall(pred: torch.Tensor, gold: torch.Tensor, c: int) -> float:
+    """The share of class ``c``'s gold examples predicted as ``c`` (its per-class accuracy)."""
+    return _ratio(((pred == c) & (gold == c)).sum().item(), (gold == c).sum().item())
+
+
+def precision(pred: torch.Tensor, gold: torch.Tensor, c: int) -> float:
+    """The share of the examples predicted as ``c`` that are ``c``."""
+    return _ratio(((pred == c) & (gold == c)).sum().item(), (pred == c).sum().item())
+
+
+def per_class_recall(pred: torch.Tensor, gold: torch.Tensor, num_classes: int) -> list[float]:
+    return [recall(pred, gold, c) for c in range(num_classes)]
+
+
+def balanced_accuracy(pred: torch.Tensor, gold: torch.Tensor, num_classes: int) -> float:
+    """The mean of the per-class recalls over the classes present in gold (a class with no gold
+    example has no recall to average; none present: 0)."""
+    present = [c for c in range(num_classes) if (gold == c).any()]
+    return _ratio(sum(recall(pred, gold, c) for c in present), len(present))
+
+
+def precision_macro(pred: torch.Tensor, gold: torch.Tensor, num_classes: int) -> float:
+    return sum(precision(pred, gold, c) for c in range(num_classes)) / num_classes
+
+
+def recall_macro(pred: torch.Tensor, gold: torch.Tensor, num_classes: int) -> float:
+    return sum(recall(pred, gold, c) for c in range(num_classes)) / num_classes

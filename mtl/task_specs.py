@@ -13,7 +13,7 @@ no code (``--task-specs snli.yaml``)::
     # classes: 3                     # instead of labels, when the file holds 0..K-1
     # range: [0, 5]                  # regression: the labels' range (the head's output range)
     # loss: cross_entropy            # classification: cross_entropy; binary: bce; regression: mse, l1, smooth_l1
-    # metrics: [acc, f1_macro]       # default: every metric of the kind; the first is primary
+    # metrics: [acc, f1_macro]       # default: the kind's first metrics (below); the first is primary
     # primary_metric: acc
 
 Specs are checked here (torch-free: the launchers import it) and normalised to a plain dict,
@@ -28,8 +28,16 @@ from mtl.errors import ConfigError, NotFound
 KINDS = ("classification", "binary", "regression", "mlm")
 LOSSES = {"classification": ("cross_entropy",), "binary": ("bce",), "regression": ("mse", "l1", "smooth_l1"),
           "mlm": ("mlm",)}
-METRICS = {"classification": ("acc", "f1_macro"), "binary": ("acc", "f1"), "regression": ("pearson", "spearman"),
-           "mlm": ("masked_acc",)}
+# The metrics a spec may name, per kind.  per_class_acc is a group: each class's recall, as
+# acc_<k> (acc_<label> with named labels); it cannot be primary (it is several numbers).
+METRICS = {"classification": ("acc", "f1_macro", "balanced_acc", "per_class_acc", "precision_macro", "recall_macro"),
+           "binary": ("acc", "f1", "balanced_acc", "per_class_acc", "precision", "recall"),
+           "regression": ("pearson", "spearman"), "mlm": ("masked_acc",)}
+# A spec that names no metrics gets these: the metrics specs had before the class-wise ones, so a
+# user spec normalises (and its trial's identity reads) as it did then.
+DEFAULT_METRICS = {"classification": ("acc", "f1_macro"), "binary": ("acc", "f1"),
+                   "regression": ("pearson", "spearman"), "mlm": ("masked_acc",)}
+GROUP_METRICS = ("per_class_acc",)
 FIELDS = ("name", "title", "files", "text_columns", "label_column", "kind", "classes", "labels", "range", "loss",
           "metrics", "primary_metric", "output_header", "sources")
 RESERVED = {"mean"}     # a select_metric
@@ -38,9 +46,10 @@ NAME = re.compile(r"[a-z][a-z0-9_]{0,31}$")
 _BUILTIN_SPECS = {
     "sst": {"name": "sst", "title": "SEN", "files": "sst-{split}.csv", "text_columns": ["sentence"],
             "label_column": "sentiment", "kind": "classification", "classes": 5,
-            "output_header": "Predicted_Sentiment"},
+            "output_header": "Predicted_Sentiment", "metrics": list(METRICS["classification"])},
     "para": {"name": "para", "title": "PAR", "files": "quora-{split}.csv", "text_columns": ["sentence1", "sentence2"],
-             "label_column": "is_duplicate", "kind": "binary", "output_header": "Predicted_Is_Paraphrase"},
+             "label_column": "is_duplicate", "kind": "binary", "output_header": "Predicted_Is_Paraphrase",
+             "metrics": list(METRICS["binary"])},
     "sts": {"name": "sts", "title": "SIM", "files": "sts-{split}.csv", "text_columns": ["sentence1", "sentence2"],
             "label_column": "similarity", "kind": "regression", "range": [0, 5],
             "output_header": "Predicted_Similiary"},    # sic: the course's leaderboard spells it so
@@ -157,7 +166,7 @@ def _loss_and_metrics(spec: dict, kind: str, bad) -> dict:
     loss = spec.get("loss", LOSSES[kind][0])
     if loss not in LOSSES[kind]:
         raise bad("loss", f"{loss!r} is not a loss of a {kind} task ({', '.join(LOSSES[kind])})")
-    metrics = spec.get("metrics", list(METRICS[kind]))
+    metrics = spec.get("metrics", list(DEFAULT_METRICS[kind]))
     if (not isinstance(metrics, list) or not metrics or len(set(map(str, metrics))) != len(metrics)
             or any(m not in METRICS[kind] for m in metrics)):
         raise bad("metrics", f"{metrics!r} is not a list of distinct metrics of a {kind} task "
@@ -165,6 +174,9 @@ def _loss_and_metrics(spec: dict, kind: str, bad) -> dict:
     primary = spec.get("primary_metric", metrics[0])
     if primary not in metrics:
         raise bad("primary_metric", f"{primary!r} is not one of the task's metrics ({', '.join(metrics)})")
+    if primary in GROUP_METRICS:
+        raise bad("primary_metric", f"{primary!r} is one score per class, not one score (name another metric "
+                                    "first, or give primary_metric)")
     return {"loss": loss, "metrics": [primary] + [m for m in metrics if m != primary], "primary_metric": primary}
 
 

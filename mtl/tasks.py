@@ -117,16 +117,19 @@ def _label_parser(spec: dict) -> Callable[[str], float]:
     return class_index
 
 
-_LOSSES = {
+# A binary task's output is read at column 0: a head's (B, 1) logit, or the (B, 1 + 2H) output of
+# an embedding loss's task, [cos(u, v) - threshold, u, v] (mtl.losses), so one spec serves both.
+# On (B, 1) this reads the numbers ``squeeze(-1)`` did: the same loss, bit for bit.
+LOSSES = {      # per-example losses by name: the specs' and --task-loss's (mtl.losses)
     "cross_entropy": lambda logits, y: F.cross_entropy(logits.float(), y.long(), reduction="none"),
-    "bce": lambda logits, y: F.binary_cross_entropy_with_logits(logits.float().squeeze(-1), y.float(), reduction="none"),
+    "bce": lambda logits, y: F.binary_cross_entropy_with_logits(logits.float()[..., 0], y.float(), reduction="none"),
     "mse": lambda score, y: F.mse_loss(score.float().squeeze(-1), y.float(), reduction="none"),
     "l1": lambda score, y: F.l1_loss(score.float().squeeze(-1), y.float(), reduction="none"),
     "smooth_l1": lambda score, y: F.smooth_l1_loss(score.float().squeeze(-1), y.float(), reduction="none"),
 }
 _OUTPUTS = {
     "classification": lambda logits: logits.argmax(-1),
-    "binary": lambda logits: (logits.squeeze(-1) > 0).long(),
+    "binary": lambda logits: (logits[..., 0] > 0).long(),
     "regression": lambda score: score.squeeze(-1).float(),
 }
 
@@ -135,7 +138,38 @@ def _metric(name: str, classes: int) -> Callable[[torch.Tensor, torch.Tensor], f
     return {"acc": lambda p, y: scores.accuracy(p, y.long()),
             "f1_macro": lambda p, y: scores.f1_macro(p, y.long(), classes),
             "f1": lambda p, y: scores.f1_binary(p, y.long()),
+            "balanced_acc": lambda p, y: scores.balanced_accuracy(p, y.long(), classes),
+            "precision_macro": lambda p, y: scores.precision_macro(p, y.long(), classes),
+            "recall_macro": lambda p, y: scores.recall_macro(p, y.long(), classes),
+            "precision": lambda p, y: scores.precision(p, y.long(), 1),      # of the positive class
+            "recall": lambda p, y: scores.recall(p, y.long(), 1),
             "pearson": scores.pearson, "spearman": scores.spearman}[name]
+
+
+def class_names(spec: dict) -> list[str]:
+    """What per-class metric names call each class: its label text (letters, digits, '_', '-' and
+    '.' kept, anything else '_', so the name stays one word for --select-metric and TensorBoard),
+    or its index when the spec has no labels or two labels would read alike."""
+    classes = spec["classes"] or 2
+    if spec["labels"]:
+        names = ["".join(ch if ch.isalnum() or ch in "_-." else "_" for ch in label) for label in spec["labels"]]
+        if len(set(names)) == len(names):
+            return names
+    return [str(k) for k in range(classes)]
+
+
+def _metric_fns(spec: dict) -> dict[str, Callable[[torch.Tensor, torch.Tensor], float]]:
+    """Metric key -> function, in the spec's order (primary first); the per_class_acc group gives
+    one key per class, acc_<class>, each that class's recall (so the keys depend on the classes)."""
+    classes = spec["classes"] or 2
+    fns = {}
+    for name in spec["metrics"]:
+        if name == "per_class_acc":
+            for k, label in enumerate(class_names(spec)):
+                fns[f"acc_{label}"] = lambda p, y, k=k: scores.recall(p, y.long(), k)
+        else:
+            fns[name] = _metric(name, classes)
+    return fns
 
 
 def _masked_acc(pred: torch.Tensor) -> float:
@@ -159,13 +193,12 @@ def build(spec: dict) -> TaskSpec:
     """The TaskSpec of a normalised spec (mtl.task_specs.normalise)."""
     if spec["kind"] == "mlm":
         return _build_mlm(spec)
-    kind, names = spec["kind"], tuple(spec["metrics"])
-    fns = {m: _metric(m, spec["classes"] or 2) for m in names}
+    kind, fns = spec["kind"], _metric_fns(spec)
     return TaskSpec(
         name=spec["name"], title=spec["title"], files=spec["files"], text_columns=tuple(spec["text_columns"]),
         label_column=spec["label_column"], num_outputs=spec["classes"] if kind == "classification" else 1,
-        primary_metric=spec["primary_metric"], parse_label=_label_parser(spec), loss=_LOSSES[spec["loss"]],
-        output=_OUTPUTS[kind], metrics=lambda p, y: {m: fn(p, y) for m, fn in fns.items()}, metric_names=names,
+        primary_metric=spec["primary_metric"], parse_label=_label_parser(spec), loss=LOSSES[spec["loss"]],
+        output=_OUTPUTS[kind], metrics=lambda p, y: {m: fn(p, y) for m, fn in fns.items()}, metric_names=tuple(fns),
         regression=kind == "regression", output_header=spec["output_header"],
         label_range=tuple(spec["range"]) if kind == "regression" else (0.0, 1.0),
         label_names=tuple(spec["labels"] or ()))

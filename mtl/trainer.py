@@ -31,6 +31,7 @@ from mtl.dist import DistContext
 from mtl.errors import TrialFailed
 from mtl.evaluation import metric_names, predict, score
 from mtl.lease import Lease
+from mtl.losses import build_losses
 from mtl.model import build_model
 from mtl.stages import history as stages_history, load_upstream
 from mtl.monitor import NullSink, TensorBoardSink, progress_bar
@@ -103,6 +104,7 @@ class Trainer:
         self.train_sets = tokenize_all(cfg, inputs.tasks, inputs.raw_train, dist, inputs.tokenizer)
         self.eval_only = [TASKS[t] for t in cfg.data.eval_tasks]     # scored, not trained: heads carried
         self.dev_sets = tokenize_all(cfg, inputs.tasks + self.eval_only, inputs.raw_dev, dist, inputs.tokenizer)
+        self.losses = build_losses(cfg, inputs.tasks, inputs.raw_train)   # per task: --task-loss, --class-weights
         self.build()
         self.state = TrainState()
         checkpoints.track("model", WholeWeights(self.strategy))
@@ -330,7 +332,7 @@ class Trainer:
         """Each task's loss as this worker's share of the step's global mean: summed here and
         averaged across workers by DDP, so uneven final batches and any accumulation give the
         exact global mean."""
-        return {t: TASKS[t].loss(outputs[t], batches[t].labels).sum() * (self.dist.world_size / planned.global_count[t])
+        return {t: self.losses[t](outputs[t], batches[t].labels).sum() * (self.dist.world_size / planned.global_count[t])
                 for t in batches}
 
     def global_losses(self, shares: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[2]
      "error: combiner.dtp_gamma: inf is not a finite number"),
     (["--head-hidden", "100000000"], "error: model.head_hidden: 100000000 is outside [0, 65536]"),
     (["--select-metric", "sst/f1"],
-     "error: select_metric: 'sst/f1' is not a metric of sst (its metrics: sst/acc, sst/f1_macro; or 'mean')"),
+     "error: select_metric: 'sst/f1' is not a metric of sst (its metrics: sst/acc, sst/f1_macro, sst/balanced_acc, "
+     "sst/acc_0, sst/acc_1, sst/acc_2, sst/acc_3, sst/acc_4, sst/precision_macro, sst/recall_macro; or 'mean')"),
     (["--workers", "2"], "error: parallel.workers: 2 asked for, but 1 process(es) train this trial: run it as "
                          "torchrun --nproc-per-node 2 -m mtl.train ... --workers 2"),
     (["--combiner", "scalarize", "--tasks", "sst,para", "--weights", "0.4,0.6", "--alpha", "0.3"],

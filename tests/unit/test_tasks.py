@@ -27,7 +27,10 @@ def test_builtin_tasks_are_specs_with_the_reference_losses_and_metrics():
     sst, para, sts = TASKS["sst"], TASKS["para"], TASKS["sts"]
     assert (sst.num_outputs, para.num_outputs, sts.num_outputs) == (5, 1, 1)
     assert (sst.file("train"), para.file("dev"), sts.file("test")) == ("sst-train.csv", "quora-dev.csv", "sts-test.csv")
-    assert sst.metric_names == ("acc", "f1_macro") and sts.primary_metric == "pearson"
+    # The class-wise metrics come after the reference ones: the primary metric stays first.
+    assert sst.metric_names == ("acc", "f1_macro", "balanced_acc", "acc_0", "acc_1", "acc_2", "acc_3", "acc_4",
+                                "precision_macro", "recall_macro") and sts.primary_metric == "pearson"
+    assert para.metric_names == ("acc", "f1", "balanced_acc", "acc_0", "acc_1", "precision", "recall")
     logits, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 0.0])
     assert torch.allclose(sst.loss(logits, y), torch.nn.functional.cross_entropy(logits, y.long(), reduction="none"))
     raw = torch.randn(6, 1)
