@@ -152,7 +152,7 @@ class Trainer:
         self.strategy.setup(self.model, self.optimizer, self.scheduler, self.combiner)
         # After the strategy (DeepSpeed casts the weights; SMART's copy must match them); draws
         # no random numbers, so 'none' leaves every default trial as it was.
-        self.regularizer = build_regularizer(cfg, self.model)
+        self.regularizer = build_regularizer(cfg, self.model, self.combiner)
 
     def resume(self) -> None:
         self.checkpoints.restore(self.inputs.prior, self.inputs.resumed)

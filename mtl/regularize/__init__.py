@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from mtl.combine import Combiner
+from mtl.combine.gradients import GradientCombiner
 from mtl.config import RunConfig, per_task
 from mtl.errors import ConfigError
 from mtl.regularize.base import Composite, MicroBatch, NoRegularizer, Regularizer
@@ -14,11 +16,12 @@ from mtl.regularize.smart import Smart
 
 __all__ = ["REGULARIZERS", "MicroBatch", "Regularizer", "build_regularizer", "check", "lasso_tasks"]
 
+# name -> (model, run config, whether the combiner back-propagates each task alone) -> Regularizer
 REGULARIZERS = {
-    "none": lambda model, cfg: NoRegularizer(),
-    "l1": lambda model, cfg: WeightPenalty(model, cfg.regularize.reg_weight, "l1"),
-    "linf": lambda model, cfg: WeightPenalty(model, cfg.regularize.reg_weight, "linf"),
-    "smart": lambda model, cfg: Smart(model, cfg.regularize, cfg.seed),
+    "none": lambda model, cfg, separate: NoRegularizer(),
+    "l1": lambda model, cfg, separate: WeightPenalty(model, cfg.regularize.reg_weight, "l1", separate),
+    "linf": lambda model, cfg, separate: WeightPenalty(model, cfg.regularize.reg_weight, "linf", separate),
+    "smart": lambda model, cfg, separate: Smart(model, cfg.regularize, cfg.seed),
 }
 
 
@@ -39,7 +42,7 @@ def check(cfg: RunConfig) -> None:
                           "partitions (use --zero-stage 2 or lower)")
 
 
-def build_regularizer(cfg: RunConfig, model: nn.Module) -> Regularizer:
+def build_regularizer(cfg: RunConfig, model: nn.Module, combiner: Combiner | None = None) -> Regularizer:
     """The run's regulariser on the (unwrapped) model; consumes no random numbers.  'none' without
     mse_lasso is inactive: the trainer then runs exactly as it did before regularisers existed."""
     check(cfg)
@@ -48,7 +51,8 @@ def build_regularizer(cfg: RunConfig, model: nn.Module) -> Regularizer:
         if t not in model.heads or not any(p.dim() >= 2 for p in model.heads[t].parameters()):
             raise ConfigError(f"loss.task_loss: {t}=mse_lasso needs a head with weights, and {t}'s has none "
                               "(--sim-head cosine); use mse")
-    parts = [REGULARIZERS[cfg.regularize.regularizer](model, cfg)]
+    separate = isinstance(combiner, GradientCombiner)     # each task's loss back-propagated alone
+    parts = [REGULARIZERS[cfg.regularize.regularizer](model, cfg, separate)]
     if lasso:
         parts.append(HeadLasso(model, lasso, cfg.loss.lasso_weight))
     return Composite(parts)

@@ -6,7 +6,8 @@ embedding tables): biases and LayerNorm scales (1-D) are left out.  A parameter 
 modules (an mlm head tied to the word embeddings) counts once.
 
 Cost: one pass over the weights per micro-batch (an abs and a reduction per matrix, and their
-backward: a sign per weight), whatever the batch size.  The penalty does not depend on the
+backward: a sign per weight), whatever the batch size; T passes under a gradient method, which
+back-propagates each of the T tasks' losses alone.  The penalty does not depend on the
 examples, so every worker computes the same value (see base.py for how it is shared out)."""
 from __future__ import annotations
 
@@ -35,11 +36,15 @@ class WeightPenalty(Regularizer):
     """reg_weight x R(weights), shared out over the step's tasks: R x share / T per task and
     micro-batch (base.py), so the step's objective holds lambda x R exactly once."""
 
-    def __init__(self, model: nn.Module, weight: float, norm: str):
+    def __init__(self, model: nn.Module, weight: float, norm: str, separate: bool = False):
         self.params = weight_matrices(model)
         self.weight = weight
         self.norm = mean_abs if norm == "l1" else mean_max_abs
         self.name = norm
+        # A combiner that back-propagates each task's loss alone (the gradient methods) frees the
+        # graph after each task: each task then needs its own penalty graph (T passes over the
+        # weights per micro-batch, forward and backward, instead of one).
+        self.separate = separate
 
     @property
     def active(self) -> bool:
@@ -50,9 +55,11 @@ class WeightPenalty(Regularizer):
 
     def terms(self, micro: MicroBatch) -> dict[str, torch.Tensor]:
         # One value for all tasks: computed once per micro-batch, each task gets its part of it
-        # (the autograd graph is shared; backward sums the parts back to lambda x R x share).
-        tasks = list(micro.global_count)
-        part = self.value() * (micro.share / len(tasks))
+        # (one shared graph; one backward sums the parts back to lambda x R x share).
+        factor = micro.share / len(micro.global_count)
+        if self.separate:
+            return {t: self.value() * factor for t in micro.batches}
+        part = self.value() * factor
         return {t: part for t in micro.batches}
 
 
