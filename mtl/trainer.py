@@ -36,6 +36,7 @@ from mtl.model import build_model
 from mtl.stages import history as stages_history, load_upstream
 from mtl.monitor import NullSink, TensorBoardSink, progress_bar
 from mtl.optim import build_optimizer, build_scheduler
+from mtl.regularize import MicroBatch, build_regularizer, check as check_regularizer
 from mtl.stop import StopSignal, TrialStopped
 from mtl.strategy import WholeWeights, build_strategy
 from mtl.tasks import TASKS, TaskSpec
@@ -110,6 +111,9 @@ class Trainer:
         checkpoints.track("model", WholeWeights(self.strategy))
         checkpoints.track("strategy", self.strategy, sharded=True)
         checkpoints.track("combiner", self.combiner)
+        if self.regularizer.stateful:
+            # SMART's momentum copy (mu > 0): a second copy of the weights in every full checkpoint.
+            checkpoints.track("regularizer", self.regularizer)
         checkpoints.track("state", self.state)
         if inputs.resumed:
             self.resume()
@@ -124,6 +128,7 @@ class Trainer:
         """Model, combiner, sampler, optimizer, schedule and strategy, in the order that fixes
         the random numbers each consumes (the seed, then the model's heads, then the combiner)."""
         cfg, dist = self.cfg, self.dist
+        check_regularizer(cfg)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, self.inputs.tasks + self.eval_only)
         if cfg.upstream is not None and self.inputs.prior is None:    # a resume loads its own checkpoint
@@ -150,6 +155,9 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps)
         self.strategy = build_strategy(cfg, dist)
         self.strategy.setup(self.model, self.optimizer, self.scheduler, self.combiner)
+        # After the strategy (DeepSpeed casts the weights; SMART's copy must match them); draws
+        # no random numbers, so 'none' leaves every default trial as it was.
+        self.regularizer = build_regularizer(cfg, self.model, self.combiner)
 
     def resume(self) -> None:
         self.checkpoints.restore(self.inputs.prior, self.inputs.resumed)
@@ -270,21 +278,27 @@ class Trainer:
         task_loss, total, probed = self.forward_backward(planned, probe_conflict)
         # The global losses (one small collective) and the step's one host sync: every rank
         # decides alike below, and the divergence guard needs the numbers.
-        names = list(task_loss)
-        values = self.dist.all_reduce_mean(torch.stack([task_loss[t] for t in names] + [total])).tolist()
-        task_loss, total = dict(zip(names, values[:-1])), values[-1]
+        names, reg = list(task_loss), list(self.reg_sums)
+        # The regularisers' terms (none by default) join the same collective and host sync.
+        values = self.dist.all_reduce_mean(torch.stack([task_loss[t] for t in names] + [total] +
+                                                       [self.reg_sums[t] for t in reg])).tolist()
+        task_loss, total = dict(zip(names, values[:len(names)])), values[len(names)]
+        reg_terms = dict(zip(reg, values[len(names) + 1:]))
         for t, value in task_loss.items():
             if not math.isfinite(value):
                 raise TrialFailed(f"step {number}: the loss of task {t} is {value} (training diverged; a lower --lr "
                                   f"may help)", number)
         self.combiner.before_optimizer_step(self.strategy.loss_scale())
         grad_norm, stepped = self.strategy.step()
+        if stepped:
+            self.regularizer.after_optimizer_step()     # SMART's momentum copy follows the weights
         self.combiner.after_optimizer_step(lambda: self.step_losses(planned))
         if grad_norm is not None and not math.isfinite(grad_norm) and not self.strategy.skips_overflow:
             raise TrialFailed(f"step {number}: the gradient norm is {grad_norm} with finite losses "
                               f"({', '.join(f'{t} {v:.4g}' for t, v in task_loss.items())}; training diverged)", number)
         stats = {f"loss/{t}": v for t, v in task_loss.items()}
         stats["loss/combined"] = total
+        stats.update({f"reg/{t}": v for t, v in reg_terms.items()})
         stats["skipped"] = 0.0 if stepped else 1.0
         if grad_norm is not None:
             stats["grad_norm"] = grad_norm
@@ -292,13 +306,16 @@ class Trainer:
 
     def forward_backward(self, planned: Step, probe_conflict: bool) -> tuple[dict, torch.Tensor, object | None]:
         """The step's micro-batches through forward and the combiner's backward: each task's
-        loss summed over them (on the device), the combined loss, and the probe's Gram matrix."""
+        loss summed over them (on the device), the combined loss, and the probe's Gram matrix.
+        The regularisers' terms join each task's loss before the combiner (mtl/regularize);
+        their sums over the micro-batches are left in ``self.reg_sums`` for the step's log."""
         strategy, combiner, dist = self.strategy, self.combiner, self.dist
         # Losses stay on the device until the step's one host sync: a float() per micro-batch
         # would stall the host until the GPU caught up, every micro-batch.
         task_loss: dict[str, torch.Tensor] = {}
         total = None
         probed = None
+        self.reg_sums: dict[str, torch.Tensor] = {}
         backward = self.costs.counted(strategy.backward)
         if combiner.uses_step_losses and len(planned.micro) > 1:
             combiner.see_step_losses(self.step_losses(planned))     # accumulation: an extra forward
@@ -311,14 +328,29 @@ class Trainer:
                 losses = self.shares(outputs, batches, planned)
                 if combiner.uses_step_losses and len(planned.micro) == 1:     # the step's losses: one small collective
                     combiner.see_step_losses(self.global_losses(losses))
+                plain = losses       # the task losses as logged and as see_step_losses had them
+                if self.regularizer.active:
+                    losses = self.regularized(losses, outputs, batches, planned, micro)
                 combiner.observe(outputs, batches)
                 if probe_conflict and i == 0 and len(losses) > 1:
                     probed = probe_gram(losses, self.model.shared_parameters(), dist)
                 combined = combiner.backward(losses, backward, share=1.0 / len(planned.micro)).float()
                 total = combined if total is None else total + combined
-            for t, loss in losses.items():
+            for t, loss in plain.items():
                 task_loss[t] = task_loss[t] + loss.detach().float() if t in task_loss else loss.detach().float()
         return task_loss, total, probed
+
+    def regularized(self, losses: dict, outputs: dict, batches: dict, planned: Step, micro: dict) -> dict:
+        """Each task's loss plus its regularisers' terms (their extra forwards in the strategy's
+        autocast); the terms' values, detached, summed into ``self.reg_sums``."""
+        view = MicroBatch(batches, outputs, micro, planned.global_count, self.dist.world_size,
+                          1.0 / len(planned.micro), self.state.step + 1)
+        with self.strategy.autocast():
+            terms = self.regularizer.terms(view)
+        for t, term in terms.items():
+            value = term.detach().float()
+            self.reg_sums[t] = self.reg_sums[t] + value if t in self.reg_sums else value
+        return {t: loss + terms[t] if t in terms else loss for t, loss in losses.items()}
 
     def batches(self, micro: dict, index: int = 0) -> dict:
         """One micro-batch of every task in it, padded and on the device.  An mlm task's masks
