@@ -130,7 +130,8 @@ class Trainer:
         cfg, dist = self.cfg, self.dist
         check_regularizer(cfg)
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.model, self.inputs.tasks + self.eval_only)
+        self.model = build_model(cfg.model, self.inputs.tasks + self.eval_only, cfg.embedding_tasks(),
+                                 cfg.loss.pair_threshold)
         if cfg.upstream is not None and self.inputs.prior is None:    # a resume loads its own checkpoint
             load_upstream(self.model, cfg)
         for task in cfg.data.eval_tasks:      # no loss reaches them: frozen (DDP wants no unused parameter)
