@@ -62,3 +62,34 @@ def test_many_variants_resume_exactly(make_config, tmp_path):
     resumed = train(cfg)
     assert resumed["resumed_from_steps"] == [whole["steps"] // 2 + 1] and resumed["steps"] == whole["steps"]
     assert resumed["weights_digest"] == whole["weights_digest"]
+
+
+README_FLAGS = [
+    ["--tasks", "sst,para,sts", "--pooling", "mean_penultimate", "--pair-encoding", "para=joint,sts=siamese",
+     "--siamese-features", "prod,cos", "--head-depth", "sst=0,sts=2", "--head-activation", "gelu",
+     "--head-dropout", "sst=0.1", "--head-widths", "sts=16", "--shared-layer", "24",
+     "--regression-activation", "relu", "--class-weights", "balanced", "--task-loss", "sts=mse_lasso",
+     "--lasso-weight", "0.02", "--optimizer", "sgd", "--momentum", "0.8", "--select-metric", "overall",
+     "--early-stop-patience", "3", "--early-stop-delta", "0.001"],
+    ["--tasks", "para", "--pair-encoding", "siamese", "--task-loss", "para=triplet", "--optimizer", "adam"],
+    ["--tasks", "para", "--pair-encoding", "siamese", "--task-loss", "para=cosine_embedding", "--regularizer", "linf"],
+    ["--tasks", "sst,sts", "--regularizer", "smart", "--smart-epsilon", "1e-4", "--smart-mu", "0.5",
+     "--smart-beta", "0.9", "--smart-steps", "2", "--smart-sigma", "1e-5", "--smart-step", "1e-3", "--reg-weight", "2"],
+    ["--tasks", "sst", "--regularizer", "l1"],
+]
+
+
+def test_the_readme_s_variant_flags_train_from_the_command_line(tiny_model_dir, tmp_path):
+    from mtl.train import main
+    from tests.unit.test_cli import base
+
+    for i, flags in enumerate(README_FLAGS):
+        out = tmp_path / f"run{i}"
+        assert main(base(tiny_model_dir, out) + flags) == 0, flags
+        res = json.loads((out / "results.json").read_text())
+        assert res["status"] == "done"
+        cfg = res["config"]
+        assert cfg["data"]["tasks"] == flags[1].split(",")
+    saved = json.loads((tmp_path / "run0" / "results.json").read_text())
+    assert saved["config"]["model"]["shared_layer"] == 24 and "overall" in saved["best"]["metrics"]
+    assert json.loads((tmp_path / "run3" / "results.json").read_text())["config"]["regularize"]["smart_steps"] == 2
