@@ -47,6 +47,8 @@ class TorchStrategy:
         self.cfg, self.dist = cfg, dist
         self.dtype = AUTOCAST_DTYPES[cfg.precision]
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.precision == "fp16")
+        # In a fused group (mtl.fused) the weights are views into the group's stacked tensors.
+        self.weights_are_views = False
 
     def setup(self, model, optimizer, scheduler, combiner: torch.nn.Module | None = None) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
@@ -120,8 +122,11 @@ class TorchStrategy:
     whole_parameters = True
 
     def full_state_dict(self) -> dict:
-        """The whole model's weights; a collective call (every rank) where weights are partitioned."""
-        return self.model.state_dict()
+        """The whole model's weights; a collective call (every rank) where weights are partitioned.
+        Views into a fused group's stack are copied out (a copy of the weights per call): saved
+        as they are, torch.save would write the whole stack's storage, K trials' weights."""
+        weights = self.model.state_dict()
+        return {k: v.clone() for k, v in weights.items()} if self.weights_are_views else weights
 
     def load_weights(self, weights: dict) -> None:
         """Load whole weights into the (possibly partitioned) model; called on every rank."""

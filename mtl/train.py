@@ -59,11 +59,17 @@ def train(cfg: RunConfig, dist: DistContext | None = None, on_checkpoint: Callab
         try:
             return Trainer(cfg, dist, inputs, checkpoints, on_checkpoint).fit(lease, stop)
         except TrialFailed as exc:
-            if dist.is_main:
-                storage.write_text(trial_results.url(cfg.out), json.dumps({
-                    "status": "failed", "error": str(exc), "steps": exc.step, "config": cfg.to_dict(),
-                    "tasks": list(cfg.data.tasks), "failed_at": time.time()}, indent=2))
+            record_failed(cfg, dist, exc)
             raise
+
+
+def record_failed(cfg: RunConfig, dist: DistContext, exc: TrialFailed) -> dict:
+    """A diverged trial's results (rank 0 writes them): failed, never counted as a result."""
+    failed = {"status": "failed", "error": str(exc), "steps": exc.step, "config": cfg.to_dict(),
+              "tasks": list(cfg.data.tasks), "failed_at": time.time()}
+    if dist.is_main:
+        storage.write_text(trial_results.url(cfg.out), json.dumps(failed, indent=2))
+    return failed
 
 
 def prepare(cfg: RunConfig, combiner: Combiner) -> Inputs:

@@ -107,6 +107,8 @@ class Trainer:
         self.dev_sets = tokenize_all(cfg, inputs.tasks + self.eval_only, inputs.raw_dev, dist, inputs.tokenizer)
         self.losses = build_losses(cfg, inputs.tasks, inputs.raw_train)   # per task: --task-loss, --class-weights
         self.build()
+        self.reg_sums: dict[str, torch.Tensor] = {}     # the regularisers' terms of the last step
+        self.placed: dict = {}      # where it ran, when that is worth a line in the results (a fused group)
         self.state = TrainState()
         checkpoints.track("model", WholeWeights(self.strategy))
         checkpoints.track("strategy", self.strategy, sharded=True)
@@ -188,29 +190,44 @@ class Trainer:
             if self.reached_max_steps():
                 break
             self.check_leave(lease, stop, saved)
-        if self.state.step_in_epoch >= len(plan):
+        self.close_epoch(len(plan))
+
+    def close_epoch(self, planned_steps: int) -> None:
+        """The epoch is complete once all its planned steps ran (not when max_steps cut it)."""
+        if self.state.step_in_epoch >= planned_steps:
             self.combiner.end_epoch()
             self.state.epoch += 1
             self.state.step_in_epoch = 0
 
     def advance(self, planned: Step) -> str | None:
         """One optimizer step and its bookkeeping; the checkpoint's folder when one was due."""
-        state = self.state
-        # Dropout masks are a function of (seed, rank, step): resuming needs no RNG state.
-        self.step_seed = (self.cfg.seed * 1_000_003 + state.step) * 1009 + self.dist.rank
-        torch.manual_seed(self.step_seed)
+        self.seed_step()
         tick = time.perf_counter()
         every = self.cfg.combiner.conflict_every
         # A frozen encoder has no task gradients to compare: no probe.
         probe = (bool(every) and self.strategy.whole_parameters and not self.cfg.model.freeze_encoder
-                 and (state.step + 1) % every == 0)
+                 and (self.state.step + 1) % every == 0)
         try:
             stats, gram = self.step(planned, probe_conflict=probe)
         except TrialFailed:
-            self.sink.end_session(ok=False)
-            self.sink.close()
+            self.close_failed()
             raise
-        self.record_cost(tick, probed=probe and len(planned.micro[0]) > 1)   # as forward_backward decides
+        return self.after_step(planned, stats, gram, tick, probe=probe and len(planned.micro[0]) > 1)
+
+    def seed_step(self) -> None:
+        """Dropout masks are a function of (seed, rank, step): resuming needs no RNG state."""
+        self.step_seed = (self.cfg.seed * 1_000_003 + self.state.step) * 1009 + self.dist.rank
+        torch.manual_seed(self.step_seed)
+
+    def close_failed(self) -> None:
+        self.sink.end_session(ok=False)
+        self.sink.close()
+
+    def after_step(self, planned: Step, stats: dict, gram, tick: float, probe: bool) -> str | None:
+        """The step's costs, conflict, counters and scalars; the checkpoint when one is due.
+        ``probe``: the step probed conflict (timed apart), as forward_backward decided."""
+        state = self.state
+        self.record_cost(tick, probed=probe)
         self.record_conflict(gram)
         self.record_step(planned, stats, tick)
         # Throughput counts the whole step loop but checkpoint writes (storage, not training).
@@ -269,14 +286,16 @@ class Trainer:
     # ----------------------------------------------------------------------------------------
     # One optimizer step
     # ----------------------------------------------------------------------------------------
-    def step(self, planned: Step, probe_conflict: bool = False) -> tuple[dict, object | None]:
+    def step(self, planned: Step, probe_conflict: bool = False,
+             computed: tuple | None = None) -> tuple[dict, object | None]:
         """Optimizer step ``state.step + 1``.  Returns the step's scalars, and the Gram matrix of
         the tasks' gradients of the shared parameters when it was computed (by the combiner, or
         the probe).  A non-finite loss or gradient norm raises TrialFailed before the weights
         take it (fp16's scaler skipping an overflowing step is allowed: ``stats["skipped"]``
-        counts it)."""
+        counts it).  ``computed``: forward_backward's result, when a fused group (mtl.fused)
+        computed it and left this trial's gradients on its parameters."""
         number = self.state.step + 1
-        task_loss, total, probed = self.forward_backward(planned, probe_conflict)
+        task_loss, total, probed = computed or self.forward_backward(planned, probe_conflict)
         # The global losses (one small collective) and the step's one host sync: every rank
         # decides alike below, and the divergence guard needs the numbers.
         names, reg = list(task_loss), list(self.reg_sums)
@@ -523,6 +542,7 @@ class Trainer:
             **({"stopped_early": state.stopped_early} if state.stopped_early else {}),
             **self.cost_results(),
             **({"stages": stages_history(cfg)} if cfg.upstream is not None else {}),
+            **self.placed,
         }
 
     def cost_results(self) -> dict:

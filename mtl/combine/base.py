@@ -58,6 +58,14 @@ class Combiner(nn.Module):
         """Called once the model exists: what the method needs of it, of the workers and the seed."""
         self.dist, self.seed = dist, seed
 
+    @classmethod
+    def fuses(cls) -> bool:
+        """Whether trials of this method can train in a fused group (mtl.fused): its step is
+        one backward of ``combine``'s loss, which the group records and back-propagates for all
+        members at once.  A method with its own backward passes (on task gradients) or that
+        needs the step's losses first (an extra forward) runs alone."""
+        return cls.backward is Combiner.backward and not cls.uses_step_losses and cls.cost == "one backward"
+
     def combine(self, losses: dict[str, torch.Tensor], share: float) -> torch.Tensor:
         raise NotImplementedError
 
