@@ -8,6 +8,7 @@
 #   run: bash benchmarks/gpu_session.sh tests   carry [".gpu"] timeout_s 400   # tests/gpu, bench_pcgrad (<= 6 min)
 #   run: bash benchmarks/gpu_session.sh bench   carry [".gpu"] timeout_s 540   # bench_step, bench_pack (<= 8 min)
 #   run: bash benchmarks/gpu_session.sh methods carry [".gpu"] timeout_s 540   # bench_methods: every loss method (<= 8 min)
+#   run: bash benchmarks/gpu_session.sh fused   carry [".gpu"] timeout_s 540   # bench_fused: fused vs packed trials (<= 8 min)
 #
 # Each part writes its log to $OUT (it comes back with the run's reply).  A session has
 # 15 minutes of device time in all (a start costs ~1 min): the parts' inner timeouts sum to
@@ -15,7 +16,7 @@
 # shows less time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: gpu_session.sh prepare|tests|bench|methods}"
+part="${1:?usage: gpu_session.sh prepare|tests|bench|methods|fused}"
 CARRY=.gpu
 
 if [ "$part" = prepare ]; then
@@ -90,8 +91,14 @@ methods)
     timeout 500 $PY benchmarks/bench_methods.py --device cuda --precision bf16 --model "$BERT" --data-dir "$DATA" \
         --steps 10 --markdown 2>&1 | tee "$OUT/bench_methods.log" | tail -30 || true
     ;;
+fused)
+    # Issue 20: K alpha trials fused into one stacked BERT-base against K packed processes, and
+    # the reference study's projected GPU-hours at the best fused K (target: under 2).
+    timeout 500 $PY benchmarks/bench_fused.py --device cuda --precision bf16 --model "$BERT" --data-dir "$DATA" \
+        --ks 1,3,9,11,16 --packed-ks 1,3,8,11 --max-steps 30 2>&1 | tee "$OUT/bench_fused.log" | tail -15 || true
+    ;;
 *)
-    echo "unknown part $part (prepare, tests, bench, methods)" >&2
+    echo "unknown part $part (prepare, tests, bench, methods, fused)" >&2
     exit 2
     ;;
 esac
