@@ -49,6 +49,7 @@ from typing import Callable
 import torch
 from torch.func import functional_call, vmap
 
+from mtl import storage
 from mtl.checkpoint import CheckpointManager
 from mtl.checks import check_run, check_workers
 from mtl.combine import COMBINERS
@@ -95,15 +96,20 @@ def fusion_key(cfg: RunConfig) -> str | None:
     """Trials with equal keys may train as one fused group; None for a trial that cannot fuse."""
     if why_not(cfg) is not None:
         return None
-    d = cfg.identity()
-    for section, names in FREE_SETTINGS.items():
-        node = d[section] if section else d
-        for name in ((section,) if names is None else names):
-            if names is None:
-                d.pop(name, None)
-            else:
-                node.pop(name, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(shared_identity(cfg), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def shared_identity(cfg: RunConfig) -> dict:
+    """The trial's identity without the settings members of a group may differ in (flattened)."""
+    return {k: v for k, v in flatten(cfg.identity()).items() if not _free(k)}
+
+
+def _free(flat_key: str) -> bool:
+    section, _, name = flat_key.partition(".")
+    if not name:                         # a top-level setting
+        return flat_key in FREE_SETTINGS[""]
+    names = FREE_SETTINGS.get(section, ())
+    return names is None or name in names
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,7 +148,7 @@ def train_group(cfgs: list[RunConfig], dist: DistContext | None = None, stop: St
         for i, (trainer, _) in members.items():
             by_progress.setdefault((trainer.state.epoch, trainer.state.step_in_epoch, trainer.state.step), []).append(i)
         for part in by_progress.values():
-            names = [trial_name_of(cfgs[i]) for i in part]
+            names = [storage.basename(cfgs[i].out) for i in part]
             group = FusedGroup([members[i][0] for i in part], [members[i][1] for i in part], dist)
             log.info("fused group of %d: %s", len(part), ", ".join(names))
             for i, res in zip(part, group.fit(stop)):
@@ -161,7 +167,7 @@ def check_group(cfgs: list[RunConfig]) -> None:
     first = cfgs[0]
     for cfg in cfgs[1:]:
         if fusion_key(cfg) != fusion_key(first):
-            theirs, ours = _key_view(cfg), _key_view(first)
+            theirs, ours = shared_identity(cfg), shared_identity(first)
             diff = "; ".join(f"{k} {ours.get(k)!r} -> {theirs.get(k)!r}" for k in sorted(ours.keys() | theirs.keys())
                              if ours.get(k) != theirs.get(k))
             raise ConfigError(f"fuse: {cfg.out} does not see the batches of {first.out} ({diff})")
@@ -169,23 +175,6 @@ def check_group(cfgs: list[RunConfig]) -> None:
     twice = sorted({o for o in outs if outs.count(o) > 1})
     if twice:
         raise ConfigError(f"fuse: {twice[0]} is in the group twice")
-
-
-def _key_view(cfg: RunConfig) -> dict:
-    d = flatten(cfg.identity())
-    return {k: v for k, v in d.items() if not _free(k)}
-
-
-def _free(flat_key: str) -> bool:
-    section, _, name = flat_key.partition(".")
-    if not name:
-        return flat_key in FREE_SETTINGS[""]
-    names = FREE_SETTINGS.get(section, ())
-    return names is None or name in names
-
-
-def trial_name_of(cfg: RunConfig) -> str:
-    return cfg.out.rstrip("/").rsplit("/", 1)[-1]
 
 
 class FusedGroup:
@@ -200,7 +189,7 @@ class FusedGroup:
         self.stack = rebind([m.model for m in members])
         for m in members:
             m.strategy.weights_are_views = True
-            m.placed = {"fused_with": [trial_name_of(o.cfg) for o in members if o is not m]}
+            m.placed = {"fused_with": [storage.basename(o.cfg.out) for o in members if o is not m]}
         shared = {id(p) for p in self.base.shared_parameters()}
         self.shared_names = [n for n, p in self.base.named_parameters() if id(p) in shared]
         self.params = [dict(m.model.named_parameters()) for m in members]
@@ -258,7 +247,7 @@ class FusedGroup:
         for k in live:
             self.members[k].seed_step()     # the same seed for all (same seed, step and rank)
         tick = time.perf_counter()
-        probing = [k for k in live if self._probes(self.members[k])]
+        probing = [k for k in live if self.members[k].probes_conflict()]
         computed = self.forward_backward(planned, live, probing)
         saved = {}
         for k in live:
@@ -274,11 +263,6 @@ class FusedGroup:
         for tensor in self.stack.values():
             tensor.grad = None
         return saved
-
-    @staticmethod
-    def _probes(m: Trainer) -> bool:
-        every = m.cfg.combiner.conflict_every
-        return bool(every) and not m.cfg.model.freeze_encoder and (m.state.step + 1) % every == 0
 
     def forward(self, batches: dict) -> dict[str, torch.Tensor]:
         """Every member's outputs, stacked (K x ...), from one vmapped forward.  Dropout: one

@@ -23,6 +23,11 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base.rstrip("/"), *parts) if "://" in base else os.path.join(base, *parts)
 
 
+def basename(url: str) -> str:
+    """The last part of a path or URL (a trial's name is its run folder's)."""
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
 def filesystem(url: str):
     try:
         fs, path = fsspec.core.url_to_fs(url)

@@ -203,16 +203,20 @@ class Trainer:
         """One optimizer step and its bookkeeping; the checkpoint's folder when one was due."""
         self.seed_step()
         tick = time.perf_counter()
-        every = self.cfg.combiner.conflict_every
-        # A frozen encoder has no task gradients to compare: no probe.
-        probe = (bool(every) and self.strategy.whole_parameters and not self.cfg.model.freeze_encoder
-                 and (self.state.step + 1) % every == 0)
+        probe = self.probes_conflict()
         try:
             stats, gram = self.step(planned, probe_conflict=probe)
         except TrialFailed:
             self.close_failed()
             raise
         return self.after_step(planned, stats, gram, tick, probe=probe and len(planned.micro[0]) > 1)
+
+    def probes_conflict(self) -> bool:
+        """Whether the next step measures gradient conflict (every --conflict-every steps).
+        A frozen encoder has no task gradients to compare: no probe."""
+        every = self.cfg.combiner.conflict_every
+        return (bool(every) and self.strategy.whole_parameters and not self.cfg.model.freeze_encoder
+                and (self.state.step + 1) % every == 0)
 
     def seed_step(self) -> None:
         """Dropout masks are a function of (seed, rank, step): resuming needs no RNG state."""

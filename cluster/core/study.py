@@ -509,7 +509,7 @@ def _compose_name(cfg: RunConfig, varied: dict) -> str:
 
 def trial_name(cfg: RunConfig) -> str:
     """A trial's name: the last part of its run folder, given by ``expand``."""
-    return cfg.out.rstrip("/").rsplit("/", 1)[-1]
+    return storage.basename(cfg.out)
 
 
 # --------------------------------------------------------------------------------------------
