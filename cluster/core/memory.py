@@ -243,12 +243,15 @@ def estimates(trials: list[RunConfig]) -> dict[str, int] | None:
         return None
 
 
-def check_ray_packing(trials: list[RunConfig], placement: Placement, gpu_default: float, detect: bool) -> None:
+def check_ray_packing(trials: list[RunConfig], placement: Placement, gpu_default: float, detect: bool,
+                      groups: list[list[RunConfig]] | None = None) -> None:
     """On Ray, a fraction g packs up to 1/g workers of any trials on one GPU: refuse when the 1/g
-    largest workers of these trials would not fit together (the worst packing Ray may choose)."""
+    largest workers of these trials would not fit together (the worst packing Ray may choose).
+    ``groups`` (--fuse): a fused group is one worker holding every member's memory."""
     per_gpu = placement.workers_per_gpu(gpu_default)
     on_gpu = [t for t in trials if t.device != "cpu"]
-    if not placement.memory_check or per_gpu < 2 or sum(t.parallel.workers for t in on_gpu) < 2:
+    units = [g for g in (groups or [[t] for t in trials]) if g[0].device != "cpu"]
+    if not placement.memory_check or per_gpu < 2 or sum(g[0].parallel.workers for g in units) < 2:
         return
     capacity, source = gpu_capacity(placement, detect)
     if capacity is None:
@@ -258,8 +261,8 @@ def check_ray_packing(trials: list[RunConfig], placement: Placement, gpu_default
     sizes = estimates(on_gpu)
     if sizes is None:
         return
-    workers = sorted(((trial_name(t), sizes[trial_name(t)]) for t in on_gpu for _ in range(t.parallel.workers)),
-                     key=lambda w: -w[1])[:per_gpu]
+    workers = sorted(((trial_name(g[0]), sum(sizes[trial_name(t)] for t in g)) for g in units
+                      for _ in range(g[0].parallel.workers)), key=lambda w: -w[1])[:per_gpu]
     check_gpu(workers, capacity, source, f"--gpus-per-worker {placement.gpus(gpu_default):g} packs up to",
               "use a larger --gpus-per-worker (fewer workers per GPU)")
     log.info("GPU memory: up to %d workers per GPU need at most %s of %s (%s)", len(workers),

@@ -36,6 +36,7 @@ class Placement:
     array_parallelism: int = 0                 # SLURM: array tasks at once (0: no limit)
     trials_per_task: int = 1                   # SLURM: trials one array task runs together
     gpu_memory: str = ""                       # one GPU's memory ("80G"); "": nvidia-smi where it runs; "off"
+    fuse: int | str = 1                        # trials per fused group (cluster/core/fusion.py), or "auto"
     setup: list[str] = field(default_factory=list)        # shell lines run before a job's Python
     sbatch_args: list[str] = field(default_factory=list)  # anything else, passed to sbatch as is
 
@@ -54,6 +55,12 @@ class Placement:
             raise ConfigError(f"--trials-per-task: {self.trials_per_task} must be >= 1")
         if self.gpu_memory not in ("", "off"):
             parse_size(self.gpu_memory, "--gpu-memory")
+        self.fuse = parse_fuse(self.fuse)
+        if self.fuse != 1 and self.trials_per_task > 1:
+            # Both put several trials into one array task; composed, a task would run several
+            # fused processes side by side, which --fuse auto already sizes to fill the GPU alone.
+            raise ConfigError(f"--fuse {self.fuse} with --trials-per-task {self.trials_per_task}: a fused group "
+                              f"already runs its trials in one task; use one of the two")
 
     @property
     def gpu_memory_bytes(self) -> int | None:
@@ -133,6 +140,16 @@ def check_gpu_fraction(g: float) -> None:
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
 
 
+def parse_fuse(value: int | str) -> int | str:
+    """--fuse: a whole number of trials >= 1, or 'auto' (as many as the memory estimate fits on one GPU)."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    if isinstance(value, bool) or not re.fullmatch(r"\d+", text) or int(text) < 1:
+        raise ConfigError(f"--fuse: {value!r} is not a number of trials (1 or more) or auto")
+    return int(text)
+
+
 def parse_size(text: str, flag: str = "size") -> int:
     """Bytes from '80G', '141GB', '143771MiB', '81920M' or a plain byte count.  Units are binary
     (K = 1024), as in SLURM's --mem and nvidia-smi's MiB: '80G' is 80 GiB."""
@@ -190,6 +207,12 @@ def add_flags(parser: argparse.ArgumentParser, reads: Collection[str] = FLAGS) -
               "workers on one GPU whose estimated peak (cluster/core/memory.py) exceeds it is refused. Default: "
               "what nvidia-smi reports where the trials run (a local Ray; a SLURM array task at its start), "
               "no check where unknown; 'off': never check")
+    flag("fuse", "--fuse", default=1, metavar="K|auto",
+         help="trials that share batches (same model, tasks, data, seed, sampler; differing only in loss weights, "
+              "combiner, lr, weight decay...) train K at a time as one stacked model in one process "
+              "(cluster/core/fusion.py; one worker each). On a GPU that is faster, on a CPU slower; auto = as many "
+              "as fit one GPU by the memory estimate (no GPU: 1). Never part of a trial's identity (default: 1, "
+              "no fusion)")
     flag("setup", "--setup", action="append", default=[], metavar="LINE",
          help="a shell line each job runs before Python, e.g. 'source ~/venvs/mtl/bin/activate' or "
               "'module load cuda; conda activate mtl' (repeatable; default: this Python)")
