@@ -23,9 +23,9 @@ from mtl.config import RunConfig
 from mtl.errors import MtlError
 
 from cluster.backends.registry import BACKENDS, add_placement_flags, backend_flags
-from cluster.core.dependencies import slots
 from cluster.core.ending import summary, write_study_report
 from cluster.core.flags import add_study_flags, trials_from_args
+from cluster.core.fusion import fused_slots, plan, task_slots
 from cluster.core.placement import placement_from_args
 from cluster.core.study import check_storage, trial_name
 from cluster.core.tensorboard import write_tensorboard_experiment
@@ -37,9 +37,11 @@ def build_parser(backend: str | None) -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=tuple(BACKENDS), default=backend or "ray",
                    help="where trials run (default: ray)" if backend is None else argparse.SUPPRESS)
     add_study_flags(p)
-    p.add_argument("--dry-run", action="store_true", help="print the trial list and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the trial list (with --fuse, each trial's fused group) and exit")
     p.add_argument("--count", action="store_true",
-                   help="print the number of array tasks (trials / --trials-per-task) and exit")
+                   help="print the number of array tasks (trials / --trials-per-task, or fused groups with --fuse) "
+                        "and exit")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="write the study's report (<storage>/report/) when the sweep has been followed to its end")
     for flag in backend_flags(backend):
@@ -60,18 +62,23 @@ def _asks_help(argv) -> bool:
     return any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv))
 
 
-def print_trials(trials: list[RunConfig]) -> None:
-    """--dry-run: each trial's folder, workers, strategy and pinned size, then the count."""
-    for t in trials:
+def print_trials(trials: list[RunConfig], groups: list[list[int]] | None = None) -> None:
+    """--dry-run: each trial's folder, workers, strategy and pinned size, then the count.
+    ``groups`` (--fuse): each trial's fused group (its array task on SLURM), counted at the end."""
+    group_of = {i: g for g, members in enumerate(groups or []) for i in members}
+    for i, t in enumerate(trials):
         p, d = t.parallel, t.data
         size = f" examples/task/epoch={d.examples_per_task}" if d.epoch_mode == "min_size" and d.examples_per_task \
             else ""
         after = f" after={trial_name(t.upstream)}" if t.upstream is not None else ""
-        print(f"{t.out}\tworkers={p.workers} strategy={p.strategy}{size}{after}")
+        fused = f" group={group_of[i]}" if groups is not None else ""
+        print(f"{t.out}\tworkers={p.workers} strategy={p.strategy}{size}{after}{fused}")
     upstream = {t.upstream.out for t in trials if t.upstream is not None}
     print(f"{len(trials)} trials" + (f" ({len(upstream)} upstream stages, each run once before the "
                                      f"{sum(t.upstream is not None for t in trials)} trials that start from them)"
-                                     if upstream else ""))
+                                     if upstream else "")
+          + (f" in {len(groups)} fused groups ({sum(len(g) > 1 for g in groups)} of 2 or more)"
+             if groups is not None else ""))
 
 
 def main(argv: list[str] | None = None, backend: str | None = None) -> int:
@@ -89,11 +96,20 @@ def main(argv: list[str] | None = None, backend: str | None = None) -> int:
     except MtlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.count:
-        print(len(slots(trials, placement.trials_per_task)))    # packed within a wave of stages
-        return 0
-    if args.dry_run:
-        print_trials(trials)
+    if args.count or args.dry_run:
+        # Array tasks: packed within a wave of stages, or one fused group each (--fuse auto sized
+        # by --gpu-memory alone: a submit host's GPUs say nothing about the partition's).  The
+        # groups shown are the whole list's, as SLURM pins them; Ray and submitit group what is
+        # left unfinished at launch.
+        try:
+            fuse = plan(trials, placement, BACKENDS[args.backend].gpu_default, detect=False)
+        except MtlError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if args.count:
+            print(len(task_slots(trials, placement.trials_per_task, fuse)))
+        else:
+            print_trials(trials, None if placement.fuse == 1 else fused_slots(trials, fuse))
         return 0
     try:
         storage.ensure_writable(root)

@@ -42,6 +42,12 @@
 # SIGTERM (preemption, scancel) checkpoints the same way without requeueing.  A finished trial is
 # never run again: its array task exits 0 at once, so resubmitting the same array is safe.
 # Trials of 2+ workers (parallel.workers) run DDP over the task's GPUs: give them --gres=gpu:N.
+#
+# Fused trials (--fuse K; cluster/core/fusion.py): array task i then trains fused group i, up to K
+# trials that share batches as one stacked model in one process, so the array is one task a group:
+#   .venv/bin/python launch/slurm_submit.py --fuse 10 --count     # -> 9: per pair addition + 9 alphas
+#   sbatch --array=0-8 slurm/sweep.sh --fuse 10                   #   fused, the rest alone
+# (--fuse auto sizes groups by the GPU's memory: only launch/slurm_submit.py, which pins them.)
 set -euo pipefail
 
 source "${MTL_ROOT:=${SLURM_SUBMIT_DIR:-$PWD}}/slurm/env.sh" 2>/dev/null ||

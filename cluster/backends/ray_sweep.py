@@ -21,6 +21,9 @@ builds and fits that trial's TorchTrainer (Ray Train V2's pattern).
 - Fractional GPUs (``--gpus-per-worker 0.25``) pack trials onto a GPU: the budgets admit as many
   as fit (four 1-worker trials per GPU), and a packing whose estimated memory exceeds the GPU's is
   refused before Ray starts (cluster/core/memory.py).
+- Fused groups (``--fuse K|auto``, cluster/core/fusion.py): one Tune trial, one Ray Train run of
+  one worker, trains a group of the launch's unfinished trials in one process; the table and
+  ``_ray/timings/<trial>.json`` stay per trial.
 
 The Ray library is imported only where a sweep runs: the submit command's ``--help`` and
 ``--dry-run`` import this module without it.
@@ -44,10 +47,11 @@ from mtl.config import RunConfig
 from mtl.errors import MtlError
 from mtl.lease import Lease
 
-from cluster.backends.ray_trial import GPU_DEFAULT, build_trainer, ray_storage
+from cluster.backends.ray_trial import GPU_DEFAULT, build_group_trainer, build_trainer, ray_storage
 from cluster.core.backend import Backend, Flag
 from cluster.core.dependencies import fail_dependents, waves
 from cluster.core.ending import is_finished, read_results, record, unfinished
+from cluster.core.fusion import describe, fuse_groups, group_name, plan
 from cluster.core.memory import check_ray_packing
 from cluster.core.placement import Placement, units
 from cluster.core.study import trial_name
@@ -59,7 +63,7 @@ class RayBackend(Backend):
     name = "ray"
     prog = "launch/ray_submit.py"
     gpu_default = GPU_DEFAULT
-    placement_flags = frozenset({"cpus_per_worker", "gpus_per_worker", "max_failures", "gpu_memory"})
+    placement_flags = frozenset({"cpus_per_worker", "gpus_per_worker", "max_failures", "gpu_memory", "fuse"})
     flags = (Flag(("--address",), dict(default=None, help="Ray cluster: 'auto', 'host:port', 'ray://host:port' "
                                                          "(default: start a local Ray with this machine's CPUs and "
                                                          "GPUs)")),
@@ -160,19 +164,26 @@ def await_nodes(count: int, timeout_s: float = 300.0) -> None:
 
 
 def _driver(config: dict, trials: dict, placement: Placement, storage_root: str) -> None:
-    """One Tune trial: fit the trial's TorchTrainer, forwarding its reports to Tune."""
+    """One Tune trial: fit the TorchTrainer of a trial (or of a fused group), forwarding its
+    reports to Tune."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     launched = time.time()
     name = config["trial"]
-    cfg = RunConfig.from_dict(trials[name])
-    build_trainer(cfg, placement, callbacks=[TuneReportCallback()]).fit()
-    storage.write_text(storage.join(storage_root, "_ray", "timings", f"{name}.json"),
-                       json.dumps({"driver_launched_at": launched, "driver_finished_at": time.time()}))
-    results = read_results(cfg)
-    tune.report({"status": results.get("status", "done"), "best_score": results.get("best", {}).get("score"),
-                 "steps": results["steps"]})
+    group = [RunConfig.from_dict(c) for c in trials[name]]
+    if len(group) == 1:
+        build_trainer(group[0], placement, callbacks=[TuneReportCallback()]).fit()
+    else:
+        build_group_trainer(group, storage.join(storage_root, "_ray", "fused", name), placement,
+                            callbacks=[TuneReportCallback()]).fit()
+    for cfg in group:      # per trial, fused or not: what benchmarks/bench_sweep.py reads
+        storage.write_text(storage.join(storage_root, "_ray", "timings", f"{trial_name(cfg)}.json"),
+                           json.dumps({"driver_launched_at": launched, "driver_finished_at": time.time()}))
+    results = [read_results(cfg) for cfg in group]
+    failed = any(r.get("status", "done") == "failed" for r in results)
+    tune.report({"status": "failed" if failed else "done", "best_score": results[0].get("best", {}).get("score"),
+                 "steps": max(r["steps"] for r in results)})
 
 
 # Tune adds CSV, JSON and TensorBoard(X) loggers to every sweep unless this is "1"
@@ -238,7 +249,9 @@ def _run_todo(trials: list[RunConfig], storage_root: str, placement: Placement, 
     # Before Ray starts (seconds, and minutes of trials queued behind a bad packing).  nvidia-smi
     # here sees the GPUs of a local Ray or of the node this launcher runs on in a cluster it
     # joined (--address auto); behind Ray Client (ray://) this machine's GPUs say nothing.
-    check_ray_packing(todo, placement, GPU_DEFAULT, detect=not (address or "").startswith("ray://"))
+    detect = not (address or "").startswith("ray://")
+    fuse = plan(todo, placement, GPU_DEFAULT, detect)
+    check_ray_packing(todo, placement, GPU_DEFAULT, detect, groups=fuse_groups(todo, fuse) if fuse != 1 else None)
     if not ray.is_initialized():
         if address:
             # Behind Ray Client the sweep's loop runs in an actor on the cluster: it needs the
@@ -258,25 +271,29 @@ def _run_todo(trials: list[RunConfig], storage_root: str, placement: Placement, 
         if len(levels) > 1:
             log.info("wave %d of %d (stages): %d trials", n + 1, len(levels), len(wave))
         if wave:
-            failures.update(_tune(wave, storage_root, placement, cluster, verbose))
+            groups = fuse_groups(wave, fuse)      # grouped trials never have an upstream: wave 0 only
+            describe(wave, groups, fuse)
+            failures.update(_tune(groups, storage_root, placement, cluster, verbose))
     return failures
 
 
-def _tune(todo: list[RunConfig], storage_root: str, placement: Placement, cluster: dict,
+def _tune(groups: list[list[RunConfig]], storage_root: str, placement: Placement, cluster: dict,
           verbose: int) -> dict[str, str]:
-    """One Tune sweep of ``todo``; why those Tune saw fail failed."""
+    """One Tune sweep, one Tune trial per group (a trial alone, or fused ones); why the trials of
+    those Tune saw fail failed."""
     from ray import tune
     from ray.tune import PlacementGroupFactory
 
-    by_name = {trial_name(t): t for t in todo}
+    units = {group_name(g): g for g in groups}
+    by_name = {name: g[0] for name, g in units.items()}     # whose workers each Tune trial holds
     ray_path, ray_fs = ray_storage(storage.join(storage_root, "_ray"))
     tuner = tune.Tuner(
         tune.with_resources(
-            tune.with_parameters(_driver, trials={n: t.to_dict() for n, t in by_name.items()},
+            tune.with_parameters(_driver, trials={n: [t.to_dict() for t in g] for n, g in units.items()},
                                  placement=placement, storage_root=storage_root),
             lambda spec: PlacementGroupFactory([driver_resources(by_name[spec["trial"]], placement, cluster)])),
         param_space={"trial": tune.grid_search(list(by_name))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent_slots(todo, placement, cluster),
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent_slots(list(by_name.values()), placement, cluster),
                                     trial_name_creator=lambda trial: trial.config["trial"],
                                     trial_dirname_creator=lambda trial: trial.config["trial"]),
         run_config=tune.RunConfig(name="sweep", storage_path=ray_path, storage_filesystem=ray_fs,
@@ -284,7 +301,7 @@ def _tune(todo: list[RunConfig], storage_root: str, placement: Placement, cluste
     )
     with environment(NO_AUTO_LOGGERS):
         results = tuner.fit()
-    return {r.config["trial"]: _first_line(r.error) for r in results if r.error}
+    return {trial_name(t): _first_line(r.error) for r in results if r.error for t in units[r.config["trial"]]}
 
 
 @contextlib.contextmanager

@@ -7,7 +7,14 @@ name = the trial's name), and each checkpoint mtl.train publishes there is repor
 it stands (``CheckpointUploadMode.NO_UPLOAD``): one set of files that is both the trial
 library's checkpoint and Ray's ``Result.checkpoint``.  When a worker dies, Ray restarts the
 worker group (up to ``placement.max_failures`` times) and ``train`` resumes from the newest
-published checkpoint, which is the one Ray last registered or one step newer."""
+published checkpoint, which is the one Ray last registered or one step newer.
+
+A fused group (--fuse, cluster/core/fusion.py) is one Ray Train run of one worker that trains
+every member (``cluster.core.trial.run_group``).  Its Ray run folder is its own, under
+``<storage>/_ray/fused/``, never a member's: each member's folder holds what the member writes
+alone.  Its checkpoints are not reported to Ray (Ray keeps one checkpoint list per run, and the
+group has one per member); after a worker died, Ray restarts it and every member resumes from its
+own newest checkpoint, as a trial does."""
 from __future__ import annotations
 
 import os
@@ -18,7 +25,7 @@ from mtl.config import RunConfig
 from mtl.errors import TrialFailed
 
 from cluster.core.placement import Placement
-from cluster.core.trial import run_trial
+from cluster.core.trial import run_group, run_trial
 
 if TYPE_CHECKING:
     from mtl.dist import DistContext
@@ -65,6 +72,12 @@ def train_loop_per_worker(config: dict) -> None:
         pass    # recorded as failed in results.json; retrying would diverge again
 
 
+def group_loop_per_worker(config: dict) -> None:
+    cfgs = [RunConfig.from_dict(c) for c in config["group"]]
+    # A member that diverged is recorded failed by the group, which goes on; nothing to retry.
+    run_group(cfgs, ray_dist_context(cfgs[0].device))
+
+
 def fs_path(url: str) -> str:
     """The path Ray's (pyarrow) filesystem knows ``url`` by."""
     return os.path.abspath(url) if storage.is_local(url) else storage.filesystem(url)[1]
@@ -82,11 +95,24 @@ def ray_storage(url: str):
 
 def build_trainer(cfg: RunConfig, placement: Placement | None = None, callbacks: list | None = None):
     """A TorchTrainer for one trial, whose Ray run folder is the trial's own ``cfg.out``."""
+    return _torch_trainer(train_loop_per_worker, cfg.to_dict(), cfg, cfg.out, placement, callbacks)
+
+
+def build_group_trainer(cfgs: list[RunConfig], run_folder: str, placement: Placement | None = None,
+                        callbacks: list | None = None):
+    """A TorchTrainer of one worker for a fused group; ``run_folder`` is Ray's own (see above)."""
+    return _torch_trainer(group_loop_per_worker, {"group": [c.to_dict() for c in cfgs]}, cfgs[0], run_folder,
+                          placement, callbacks)
+
+
+def _torch_trainer(loop, loop_config: dict, cfg: RunConfig, run_folder: str, placement: Placement | None,
+                   callbacks: list | None):
+    """``cfg``: whose workers and device the run has (a group's first member's: one worker)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     placement = placement or Placement()
-    out = os.path.abspath(cfg.out) if storage.is_local(cfg.out) else cfg.out.rstrip("/")
+    out = os.path.abspath(run_folder) if storage.is_local(run_folder) else run_folder.rstrip("/")
     parent, name = out.rsplit("/", 1)
     ray_path, ray_fs = ray_storage(parent)
     gpus = placement.gpus(GPU_DEFAULT)
@@ -97,8 +123,8 @@ def build_trainer(cfg: RunConfig, placement: Placement | None = None, callbacks:
     # it ignores, or a fake one from MTL_FAKE_GPUS in tests).
     torch_config = TorchConfig(backend="gloo") if cfg.device == "cpu" and gpus else None
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=cfg.to_dict(),
+        loop,
+        train_loop_config=loop_config,
         torch_config=torch_config,
         scaling_config=ScalingConfig(num_workers=cfg.parallel.workers, use_gpu=gpus > 0,
                                      resources_per_worker=resources),

@@ -22,6 +22,13 @@ upstream tasks: dependents wait with ``--dependency=afterok:<job>_<index>``), an
 follows the tasks through squeue and sacct until each has ended.  An array submitted by hand
 (``sbatch --array=... slurm/sweep.sh --grid ...``) has no dependencies: a dependent whose
 upstream has not finished fails at its start, naming it (use the helper for grids with stages).
+
+Fused groups (``--fuse K|auto``, cluster/core/fusion.py): array task i runs group i, one process
+(``python -m cluster.core.trial A.json B.json ...``, one worker) on the resources of one trial.
+The submitter groups the whole study, finished trials included, and pins the groups with the
+trial list, so an index names the same group in every resubmit.  ``--fuse`` and
+``--trials-per-task`` are not combined (refused in one line).  A task's memory is not checked
+(one process on its GPU, like one trial alone: --fuse auto sizes the groups to the estimate).
 """
 from __future__ import annotations
 
@@ -52,7 +59,8 @@ from cluster.core.backend import WAIT, Backend, Flag
 from cluster.core.dependencies import fail_dependents, slot, slots, waves
 from cluster.core.ending import is_finished, record, unfinished
 from cluster.core.flags import add_study_flags, trials_from_args
-from cluster.core.placement import Placement
+from cluster.core.fusion import describe, fused_slots, group_name, pick, plan, task_slots
+from cluster.core.placement import Placement, parse_fuse
 from cluster.core.study import index_ranges, trial_name, upstream_of
 
 log = logging.getLogger("cluster.backends.slurm_array")
@@ -69,7 +77,8 @@ class SlurmBackend(Backend):
     prog = "launch/slurm_submit.py"
     gpu_default = GPU_DEFAULT
     placement_flags = frozenset({"cpus_per_worker", "gpus_per_worker", "partition", "time", "account",
-                                 "array_parallelism", "trials_per_task", "gpu_memory", "setup", "sbatch_args"})
+                                 "array_parallelism", "trials_per_task", "gpu_memory", "fuse", "setup",
+                                 "sbatch_args"})
     flags = (WAIT, Flag(("--script",), dict(default=None,
                                             help="the sbatch script (default: slurm/sweep.sh of this project)")))
 
@@ -86,26 +95,30 @@ SLURM = SlurmBackend()
 # ============================================================================================
 class TrialProcesses:
     """The worker processes of the trials one array task runs, and the relay of the
-    scheduler's signals to them."""
+    scheduler's signals to them.  ``units``: each a trial alone (its workers), or a fused group
+    (one process training all of them)."""
 
-    def __init__(self, trials: list[RunConfig], signum: int | None = None):
-        self.trials = trials
+    def __init__(self, units: list[list[RunConfig]], signum: int | None = None):
+        self.units = units
         self.signum = signum        # a signal that came before the workers existed
         self.procs: dict[str, list[subprocess.Popen]] = {}
         self.tmp = tempfile.mkdtemp(prefix="mtl-array-task-")
 
     def start(self) -> None:
-        ports = {}
-        for cfg, rank, gpu in place_workers(self.trials, visible_gpus()):
-            name, world = trial_name(cfg), cfg.parallel.workers
-            path = os.path.join(self.tmp, f"{name}.json")
-            if name not in ports:
-                with open(path, "w") as fh:
+        # place_workers lists each unit's workers together, in the units' order.
+        placed = iter(place_workers([unit[0] for unit in self.units], visible_gpus()))
+        for unit in self.units:
+            name, world, port = group_name(unit), unit[0].parallel.workers, free_port()
+            paths = []
+            for cfg in unit:
+                paths.append(os.path.join(self.tmp, f"{trial_name(cfg)}.json"))
+                with open(paths[-1], "w") as fh:
                     json.dump(cfg.to_dict(), fh)
-                ports[name] = free_port()
-                self.procs[name] = []
-            self.procs[name].append(subprocess.Popen([sys.executable, "-m", "cluster.core.trial", path],
-                                                     env=_worker_env(rank, world, ports[name], gpu)))
+            self.procs[name] = []
+            for _ in range(world):
+                _, rank, gpu = next(placed)
+                self.procs[name].append(subprocess.Popen([sys.executable, "-m", "cluster.core.trial", *paths],
+                                                         env=_worker_env(rank, world, port, gpu)))
         if self.signum is not None:
             self.relay(self.signum, None)
 
@@ -217,10 +230,10 @@ def check_task_memory(todo: list[RunConfig], gpu_memory: str, pinned: dict[str, 
 
 
 def run_task(group: list[RunConfig], index: int, early: list[int], gpu_memory: str = "",
-             pinned: dict[str, int] | None = None, blocked: dict[str, str] | None = None) -> int:
-    """Run the task's unfinished trials; those in ``blocked`` (name: why, an upstream failed)
-    are skipped, so that a task-mate's failed upstream does not fail this task and, through
-    afterok, cancel the dependents of the trials it did run."""
+             pinned: dict[str, int] | None = None, blocked: dict[str, str] | None = None, fused: bool = False) -> int:
+    """Run the task's unfinished trials (``fused``: as one group, in one process); those in
+    ``blocked`` (name: why, an upstream failed) are skipped, so that a task-mate's failed upstream
+    does not fail this task and, through afterok, cancel the dependents of the trials it did run."""
     blocked = blocked or {}
     todo = [t for t in unfinished(group) if trial_name(t) not in blocked]
     env = os.environ
@@ -235,11 +248,12 @@ def run_task(group: list[RunConfig], index: int, early: list[int], gpu_memory: s
     if not todo:
         return 0
     try:
-        check_task_memory(todo, gpu_memory, pinned)
+        if not fused:      # a fused group is one process on its GPU (see the module's docstring)
+            check_task_memory(todo, gpu_memory, pinned)
     except MtlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    procs = TrialProcesses(todo, early[-1] if early else None)
+    procs = TrialProcesses([todo] if fused else [[t] for t in todo], early[-1] if early else None)
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, procs.relay)
     procs.start()
@@ -271,22 +285,36 @@ def task_main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials-per-task", type=int, default=1, help="trials this task runs side by side")
     p.add_argument("--gpu-memory", default="", help="one GPU's memory for the packing check (default: nvidia-smi; "
                                                      "'off': no check)")
+    p.add_argument("--fuse", default="1", metavar="K", help="with --grid: task i runs fused group i of at most K "
+                                                            "trials (a list from launch/slurm_submit.py pins its own)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        Placement(gpu_memory=args.gpu_memory)       # a bad size is refused here, in one line
-        pinned = None
+        # Bad sizes and combinations are refused here, in one line.
+        Placement(gpu_memory=args.gpu_memory, fuse=args.fuse, trials_per_task=args.trials_per_task)
+        pinned, groups = None, None
         if args.trials:
-            trials, root, pinned = load_study(args.trials)
+            trials, root, pinned, groups = load_study(args.trials)
         else:
             trials, root = trials_from_args(args)
         index = args.index if args.index is not None else _array_index()
-        group = [trials[i] for i in slot(trials, index, args.trials_per_task)]
+        groups = groups if groups is not None else task_groups(trials, args.fuse)
+        members = slot(trials, index, args.trials_per_task) if groups is None else pick(groups, index, len(trials))
         storage.ensure_writable(root)
     except MtlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return run_task(group, index, early, args.gpu_memory, pinned, fail_dependents(trials))
+    return run_task([trials[i] for i in members], index, early, args.gpu_memory, pinned, fail_dependents(trials),
+                    fused=groups is not None)
+
+
+def task_groups(trials: list[RunConfig], fuse: str) -> list[list[int]] | None:
+    """An array submitted by hand with ``--fuse K``: the groups, from the grid alone (None: K = 1)."""
+    k = parse_fuse(fuse)
+    if k == "auto":
+        raise ConfigError("--fuse auto: an array task cannot size groups by itself (each would judge its own GPU): "
+                          "give a number, or submit with launch/slurm_submit.py, which pins the groups")
+    return fused_slots(trials, k) if k != 1 else None
 
 
 def _array_index() -> int:
@@ -312,8 +340,15 @@ def submit_array(trials: list[RunConfig], root: str, placement: Placement, wait:
     storage.ensure_writable(root)
     placement.check_trials(trials)
     k = placement.trials_per_task
-    groups = slots(trials, k)
-    study = pin_trials(trials, root, k, packing_estimates(trials, placement, groups))
+    # The whole list, finished trials included: the groups, like the slots, must be the same in
+    # every resubmit (cluster/core/fusion.py).
+    fuse = plan(trials, placement, GPU_DEFAULT, detect=False)
+    groups = task_slots(trials, k, fuse)
+    fused = fuse != 1
+    if fused:
+        describe(trials, [[trials[i] for i in g] for g in groups], fuse)
+    study = pin_trials(trials, root, k, None if fused else packing_estimates(trials, placement, groups),
+                       groups if fused else None)
     live = live_slots(study)
     blocked = fail_dependents(trials)
     todo = [s for s, members in enumerate(groups) if s not in live and
@@ -321,7 +356,7 @@ def submit_array(trials: list[RunConfig], root: str, placement: Placement, wait:
     print(f"{len(trials)} trials in {len(groups)} array tasks: "
           f"{sum(map(is_finished, trials))} finished, {len(live)} tasks queued or running, {len(todo)} to submit"
           + (f", {len(blocked)} not run (an upstream failed)" if blocked else ""), flush=True)
-    jobs = _submit_waves(trials, groups, todo, live, root, placement, study, script)
+    jobs = _submit_waves(trials, groups, todo, live, root, placement, study, script, fused)
     if not wait:
         record(root, trials, blocked)
         if jobs:
@@ -340,7 +375,8 @@ def submit_array(trials: list[RunConfig], root: str, placement: Placement, wait:
 
 
 def _submit_waves(trials: list[RunConfig], groups: list[list[int]], todo: list[int], live: dict[int, str],
-                  root: str, placement: Placement, study: str, script: str | None) -> dict[str, list[int]]:
+                  root: str, placement: Placement, study: str, script: str | None,
+                  fused: bool = False) -> dict[str, list[int]]:
     """Submit the ``todo`` slots wave by wave; {job id: its slots} with the ``live`` ones.  A slot
     of dependents depends on exactly the tasks of its unfinished upstreams, queued earlier or
     now (``afterok:<job>_<index>``): per task rather than per array job, so a dependent starts
@@ -360,7 +396,9 @@ def _submit_waves(trials: list[RunConfig], groups: list[list[int]], todo: list[i
             ups = {index[u] for u in (upstream_of(trials[i]) for i in groups[s]) if u in index}
             after = sorted({f"{where[slot_of[u]]}_{slot_of[u]}" for u in ups
                             if not is_finished(trials[u]) and slot_of[u] in where})
-            batches[(placement.slurm_resources([trials[i] for i in groups[s]], GPU_DEFAULT), tuple(after))].append(s)
+            # A fused group is one worker: the resources of one of its trials.
+            on = [trials[groups[s][0]]] if fused else [trials[i] for i in groups[s]]
+            batches[(placement.slurm_resources(on, GPU_DEFAULT), tuple(after))].append(s)
         for (shape, after), batch in batches.items():
             job = _sbatch(batch, shape, root, placement, study, script, list(after))
             jobs[job] = batch
@@ -396,12 +434,15 @@ def packing_estimates(trials: list[RunConfig], placement: Placement,
     return sizes
 
 
-def pin_trials(trials: list[RunConfig], root: str, per_task: int, estimates: dict[str, int] | None = None) -> str:
+def pin_trials(trials: list[RunConfig], root: str, per_task: int, estimates: dict[str, int] | None = None,
+               groups: list[list[int]] | None = None) -> str:
     """Write the trial list (with how many trials a task runs) to the storage, once; returns its
     URL, named by a hash of the list.  ``estimates`` (GPU memory per worker of the trials that
     share a GPU) ride along outside the hash: a list pinned by an earlier submit keeps its name,
-    and its tasks compute what is missing themselves."""
-    study = {"storage": root, "trials_per_task": per_task, "trials": [t.to_dict() for t in trials]}
+    and its tasks compute what is missing themselves.  ``groups`` (--fuse: task i runs the trials
+    groups[i]) are part of the hash, and absent without fusion (earlier lists keep their names)."""
+    study = {"storage": root, "trials_per_task": per_task, "trials": [t.to_dict() for t in trials],
+             **({"groups": groups} if groups is not None else {})}
     text = json.dumps(study, sort_keys=True)
     url = storage.join(root, "_slurm", f"study-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json")
     if not storage.exists(url):
@@ -410,11 +451,13 @@ def pin_trials(trials: list[RunConfig], root: str, per_task: int, estimates: dic
     return url
 
 
-def load_study(url: str) -> tuple[list[RunConfig], str, dict[str, int] | None]:
-    """(trials, storage root, pinned worker-memory estimates or None) from a pinned trial list."""
+def load_study(url: str) -> tuple[list[RunConfig], str, dict[str, int] | None, list[list[int]] | None]:
+    """(trials, storage root, pinned worker-memory estimates or None, fused groups or None) from a
+    pinned trial list."""
     try:
         study = json.loads(storage.read_text(url))
-        return [RunConfig.from_dict(t) for t in study["trials"]], study["storage"], study.get("worker_memory")
+        return ([RunConfig.from_dict(t) for t in study["trials"]], study["storage"], study.get("worker_memory"),
+                study.get("groups"))
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{url}: not a trial list written by launch/slurm_submit.py ({exc})") from None
 

@@ -19,6 +19,10 @@ job succeeded (``--dependency=afterok:<job>``, ``--kill-on-invalid-dep=yes``: ca
 failed); the local and debug executors run the waves one after the other.  Dependents of a
 failed upstream are failed rows naming it (cluster.core.dependencies).
 
+Fused groups (``--fuse K|auto``, cluster/core/fusion.py): one job (one task, one worker) trains a
+group of the launch's unfinished trials in one process; a failed or lost job is a failed row for
+each of its trials that has no results of its own.
+
 submitit (and, through the jobs, torch) is imported in the functions that submit and follow jobs:
 the submit command's ``--help`` and ``--dry-run`` import this module without it.  What a job
 runs is ``submitit_job.TrialJob``.
@@ -45,6 +49,7 @@ from cluster.backends.slurm_array import ENDED, GPU_DEFAULT as SLURM_GPU_DEFAULT
 from cluster.core.backend import WAIT, Backend, Flag
 from cluster.core.dependencies import fail_dependents, waves
 from cluster.core.ending import record, unfinished
+from cluster.core.fusion import Plan, describe, fuse_groups, group_name, plan
 from cluster.core.placement import Placement, time_minutes
 from cluster.core.study import trial_name, upstream_of
 
@@ -68,7 +73,7 @@ class SubmititBackend(Backend):
     prog = "launch/submitit_sweep.py"
     gpu_default = GPU_DEFAULTS["slurm"]      # its executor where sbatch is on PATH; local, debug: GPU_DEFAULTS
     placement_flags = frozenset({"cpus_per_worker", "gpus_per_worker", "partition", "time", "account",
-                                 "array_parallelism", "setup"})
+                                 "array_parallelism", "fuse", "setup"})
     flags = (WAIT, Flag(("--cluster",), dict(choices=CLUSTERS, default=None,
                                              help="submitit executor: slurm, local (subprocesses) or debug (in this "
                                                   "process) (default: slurm where sbatch is on PATH, else local)")))
@@ -96,11 +101,13 @@ def run_submitit(trials: list[RunConfig], root: str, placement: Placement, clust
           f"(submitit, {cluster} executor)" + (f", {len(blocked)} not run (an upstream failed)" if blocked else ""),
           flush=True)
     levels = waves(todo)
+    # Jobs on this machine (local, debug) see its GPUs; SLURM's nodes are not visible from here.
+    fuse = plan(todo, placement, GPU_DEFAULTS[cluster], detect=cluster != "slurm") if todo else 1
     if not wait:
         if todo:
             # SLURM holds the dependents itself (afterok); a local executor cannot: only the first
             # wave is submitted, and the same command run again once it ended submits the next.
-            submit_all(levels if cluster == "slurm" else levels[:1], root, placement, cluster)
+            submit_all(levels if cluster == "slurm" else levels[:1], root, placement, cluster, fuse)
             if cluster != "slurm" and len(levels) > 1:
                 print(f"{len(todo) - len(levels[0])} trials wait for their upstream stages: run the same command "
                       "again once these jobs ended", flush=True)
@@ -109,25 +116,27 @@ def run_submitit(trials: list[RunConfig], root: str, placement: Placement, clust
     # A waiting launch holds the study: a second one would submit the same trials beside it.
     with Lease(root, "sweep").acquire():
         if cluster == "slurm":       # every wave at once: SLURM starts each dependent after its upstream
-            failures = follow(submit_all(levels, root, placement, cluster), poll_s) if todo else {}
+            failures = follow(submit_all(levels, root, placement, cluster, fuse), poll_s) if todo else {}
         else:                        # wave by wave: the next is submitted once this one ended
             failures = {}
             for wave in levels:
                 failures.update(fail_dependents(trials, failures))
                 wave = [t for t in wave if trial_name(t) not in failures]
                 if wave:
-                    failures.update(follow(submit(wave, root, placement, cluster), poll_s))
+                    failures.update(follow(submit(wave, root, placement, cluster, fuse=fuse), poll_s))
         failures.update(fail_dependents(trials, failures))
     return record(root, trials, failures | blocked)
 
 
-def submit_all(levels: list[list[RunConfig]], root: str, placement: Placement, cluster: str) -> list:
+def submit_all(levels: list[list[RunConfig]], root: str, placement: Placement, cluster: str,
+               fuse: Plan = 1) -> list:
     """Submit the waves in order, each dependent held by SLURM until its upstream's job succeeded
-    (``afterok``; cancelled at once when that job fails, ``kill_on_invalid_dep``); every job."""
+    (``afterok``; cancelled at once when that job fails, ``kill_on_invalid_dep``); every job (a
+    fused group's once per trial, as ``submit`` returns them)."""
     jobs: list = []
     job_of: dict[str, str] = {}            # an upstream's folder -> its job id
     for wave in levels:
-        submitted = submit(wave, root, placement, cluster, job_of)
+        submitted = submit(wave, root, placement, cluster, job_of, fuse)
         job_of.update({t.out: j.job_id for t, j in zip(wave, submitted)})
         jobs += submitted
     return jobs
@@ -157,10 +166,11 @@ def folder(root: str) -> str:
 
 
 def submit(trials: list[RunConfig], root: str, placement: Placement, cluster: str | None,
-           upstream_jobs: dict[str, str] | None = None) -> list:
-    """Submit ``trials`` (one array per worker count and upstream job); their jobs, in the order
-    of ``trials``.  ``upstream_jobs`` (a trial's folder -> its SLURM job id): a trial whose
-    upstream is there waits for that job (SLURM only)."""
+           upstream_jobs: dict[str, str] | None = None, fuse: Plan = 1) -> list:
+    """Submit ``trials`` (one array per worker count and upstream job; with ``fuse``, one job per
+    fused group); their jobs, in the order of ``trials`` (a group's job for each of its trials).
+    ``upstream_jobs`` (a trial's folder -> its SLURM job id): a trial whose upstream is there
+    waits for that job (SLURM only)."""
     import submitit
 
     from cluster.backends.submitit_job import TrialJob      # submitit and torch: only once jobs are submitted
@@ -168,9 +178,11 @@ def submit(trials: list[RunConfig], root: str, placement: Placement, cluster: st
     executor = submitit.AutoExecutor(folder=folder(root), cluster=which_cluster(cluster))
     on_slurm = executor.cluster == "slurm"
     upstream_jobs = upstream_jobs or {}
-    by_workers: dict[tuple[int, str | None], list[RunConfig]] = {}
-    for t in trials:
-        by_workers.setdefault((t.parallel.workers, upstream_jobs.get(upstream_of(t))), []).append(t)
+    groups = fuse_groups(trials, fuse)        # grouped trials have no upstream: never held by afterok
+    describe(trials, groups, fuse)
+    by_workers: dict[tuple[int, str | None], list[list[RunConfig]]] = {}
+    for g in groups:
+        by_workers.setdefault((g[0].parallel.workers, upstream_jobs.get(upstream_of(g[0]))), []).append(g)
     if executor.cluster == "debug":
         check_in_process(trials)
     if executor.cluster != "debug" and any(t.save_every_steps == 0 for t in trials):
@@ -194,11 +206,14 @@ def submit(trials: list[RunConfig], root: str, placement: Placement, cluster: st
             if placement.array_parallelism:
                 params["slurm_array_parallelism"] = placement.array_parallelism
         executor.update_parameters(**params)
-        submitted = executor.map_array(TrialJob(), [t.to_dict() for t in group])
-        for t, job in zip(group, submitted):
-            job.trial = trial_name(t)
-            jobs[t.out] = job
-            print(f"submitted {job.trial} as job {job.job_id}" + (f" after job {after}" if after else ""), flush=True)
+        # A fused group's job gets the list of its configs (TrialJob trains them as one group).
+        submitted = executor.map_array(TrialJob(), [g[0].to_dict() if len(g) == 1 else [t.to_dict() for t in g]
+                                                    for g in group])
+        for g, job in zip(group, submitted):
+            job.trial, job.members = group_name(g), [trial_name(t) for t in g]
+            jobs.update({t.out: job for t in g})
+            print(f"submitted {job.trial}" + (f" ({', '.join(job.members)})" if len(g) > 1 else "")
+                  + f" as job {job.job_id}" + (f" after job {after}" if after else ""), flush=True)
     return [jobs[t.out] for t in trials]
 
 
@@ -210,6 +225,7 @@ def follow(jobs: list, poll_s: float = 2.0) -> dict[str, str]:
     import submitit
     from submitit.local.debug import DebugJob
 
+    jobs = list({id(j): j for j in jobs}.values())      # a fused group's job is listed once per trial
     if jobs and isinstance(jobs[0], DebugJob):
         return _follow_in_process(jobs)
     started, last, failures, pending = time.monotonic(), None, {}, list(jobs)
@@ -229,7 +245,7 @@ def follow(jobs: list, poll_s: float = 2.0) -> dict[str, str]:
             if outcome == "running":
                 still.append(job)
             elif why:
-                failures[job.trial] = why
+                failures.update(dict.fromkeys(_members(job), why))
         pending = still
         line = _progress(len(jobs) - len(pending), len(jobs), Counter(_state(j) for j in pending))
         if line != last:
@@ -248,9 +264,14 @@ def _follow_in_process(jobs: list) -> dict[str, str]:
         print(f"[{time.monotonic() - started:6.0f} s] {_progress(i, len(jobs), counts)}", flush=True)
         why = _run_in_process(job)
         if why:
-            failures[job.trial] = why
+            failures.update(dict.fromkeys(_members(job), why))
     print(f"[{time.monotonic() - started:6.0f} s] {_progress(len(jobs), len(jobs), Counter())}", flush=True)
     return failures
+
+
+def _members(job) -> list[str]:
+    """The trials a job ran: its fused group's, or its one trial (jobs made before fusion have no list)."""
+    return getattr(job, "members", None) or [job.trial]
 
 
 def _progress(ended: int, total: int, counts: Counter) -> str:
